@@ -1,0 +1,27 @@
+"""The uncertainty scores a response carries, and which of them can drive the gate.
+
+One source of truth: the gateway's response fields, the gate's ``score_name`` choices, the
+CLI choices and the test parametrisation are all derived from :data:`GATE_SCORES`.
+All scores are "higher = more uncertain"; token-level ones are nats per token.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["DEFAULT_GATE_SCORE", "DEFAULT_GATE_THRESHOLD", "GATE_SCORES", "Score"]
+
+
+class Score(StrEnum):
+    """Uncertainty scores of one answer (DESIGN.md §2)."""
+
+    EPISTEMIC = "epistemic"  # mean over tokens of Σπ KL(q_k ‖ q̄): members disagree
+    ALEATORIC = "aleatoric"  # mean over tokens of Σπ H(q_k): each member unsure
+    TOTAL = "total"  # mean over tokens of H(q̄)
+    SEQUENCE_EPISTEMIC = "sequence_epistemic"  # cross-scored candidates, nats per token
+    DISAGREEMENT = "disagreement"  # fraction of member pairs with different answers
+
+
+GATE_SCORES: tuple[str, ...] = tuple(s.value for s in Score)
+DEFAULT_GATE_SCORE = Score.EPISTEMIC.value
+DEFAULT_GATE_THRESHOLD = 0.5

@@ -1,0 +1,215 @@
+"""Start and stop a vLLM OpenAI-compatible server as a child process (no torch import).
+
+Used by ``softspec serve --engine vllm`` (without ``--vllm-url``), by the benchmarks and
+by the integration tests. The child runs in its own process group and gets SIGTERM if
+this process dies (Linux ``PR_SET_PDEATHSIG``), so no orphan survives us; :meth:`stop`
+terminates the whole group and escalates to SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from ensemble.errors import SoftspecError
+
+__all__ = ["EngineStartError", "VLLMProcess", "cuda_available", "free_port"]
+
+
+class EngineStartError(SoftspecError):
+    """vLLM did not come up: the message carries the last meaningful line of its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def cuda_available() -> bool:
+    """True when an NVIDIA GPU is visible (checked without importing torch)."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and b"GPU" in out.stdout
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class VLLMProcess:
+    """A vLLM OpenAI server on loopback serving ``model`` and LoRA ``adapters``.
+
+    ``adapters`` maps served names to adapter directories (``--lora-modules name=path``).
+    """
+
+    model: str
+    adapters: Mapping[str, str] = field(default_factory=dict)
+    max_lora_rank: int = 16
+    max_logprobs: int = 20
+    max_model_len: int = 2048
+    dtype: str = "float32"
+    host: str = "127.0.0.1"
+    port: int = 0
+    extra_args: Sequence[str] = ()
+    startup_timeout: float = 600.0
+    log_path: Path | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _log: object | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model,
+            "--host", self.host, "--port", str(self.port),
+            "--dtype", self.dtype,
+            "--max-model-len", str(self.max_model_len),
+            "--max-logprobs", str(self.max_logprobs),
+            "--enable-prefix-caching",
+            "--disable-uvicorn-access-log",
+        ]  # fmt: skip
+        if self.adapters:
+            cmd += ["--enable-lora", "--max-loras", str(max(1, len(self.adapters)))]
+            cmd += ["--max-lora-rank", str(_lora_rank_bucket(self.max_lora_rank))]
+            cmd += ["--lora-modules", *(f"{n}={p}" for n, p in self.adapters.items())]
+        if not cuda_available():
+            # CPU backend: eager mode starts faster; the KV cache size is set in env below.
+            cmd += ["--enforce-eager"]
+        return cmd + list(self.extra_args)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if not cuda_available():
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default share is too small
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def start(self) -> VLLMProcess:
+        if self.port == 0:
+            self.port = free_port(self.host)
+        elif not _port_free(self.host, self.port):
+            raise EngineStartError(f"port {self.port} on {self.host} is in use: choose another")
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="softspec-vllm-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        assert self._proc is not None
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise EngineStartError(
+                    f"vLLM exited with code {self._proc.returncode} during start-up: "
+                    f"{self.log_summary()} (full log: {self.log_path})"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            time.sleep(0.5)
+        raise EngineStartError(
+            f"vLLM did not become healthy within {self.startup_timeout:.0f}s "
+            f"(full log: {self.log_path})"
+        )
+
+    def log_summary(self) -> str:
+        """The most telling line of the log: the last error, else the last line."""
+        if self.log_path is None or not self.log_path.exists():
+            return "no log"
+        lines = [ln.strip() for ln in self.log_path.read_text(errors="replace").splitlines()]
+        lines = [ln for ln in lines if ln]
+        for ln in reversed(lines):
+            if "Error" in ln and not ln.endswith("Error") and "Traceback" not in ln:
+                return ln[-400:]
+        return lines[-1][-400:] if lines else "empty log"
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Terminate the server's whole process group; SIGKILL what outlives ``timeout``."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            # workers may linger a moment after the leader exits
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()  # type: ignore[attr-defined]
+            self._log = None
+
+    def __enter__(self) -> VLLMProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _lora_rank_bucket(r: int) -> int:
+    """vLLM accepts only some --max-lora-rank values; take the smallest that fits ``r``."""
+    for bucket in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if r <= bucket:
+            return bucket
+    raise EngineStartError(f"LoRA rank {r} is larger than vLLM supports (512)")
