@@ -1,0 +1,1 @@
+"""The torch side: the α-Rényi ensemble trainer (transformers + peft + accelerate)."""

@@ -1,0 +1,225 @@
+"""Typed configuration of ``softspec train sft|dpo``: one dataclass per command (TRL style).
+
+Every field carries its help text; :class:`transformers.HfArgumentParser` turns the
+dataclass into the command line (``--max-steps`` or ``--max_steps``). Values are validated
+in ``__post_init__`` and paths by :meth:`TrainConfig.check_paths`, both before anything is
+loaded or written; problems raise :class:`~ensemble.errors.ConfigError` with the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from ensemble.errors import ConfigError
+from ensemble.manifest import MANIFEST_FILE
+
+__all__ = ["ALL_LINEAR", "DPOConfig", "SFTConfig", "TrainConfig", "Weights", "run_dir_for"]
+
+ALL_LINEAR = "all-linear"
+
+
+class Weights(StrEnum):
+    """How the mixture weights π are set."""
+
+    UNIFORM = "uniform"  # π_k = 1/K throughout
+    LEARNED = "learned"  # EM-style: π ← smoothed mean of α=1 responsibilities, floored
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by SFT and DPO training of an α-Rényi LoRA ensemble."""
+
+    data: str = _help("training data, JSONL in a TRL format (see README)")
+    out: str = _help("ensemble directory to write (must not exist, unless --overwrite)")
+    base: str = _help(
+        "frozen base model directory (Hugging Face format); default: the exported SmolLM2",
+        default="",
+    )
+    members: int = _help("number of ensemble members K (LoRA adapters)", default=4)
+    alpha: float = _help(
+        "α >= 0: 0 = independent members, 1 = complementary specialists", default=1.0
+    )
+    max_steps: int = _help("optimizer steps; -1 = run --epochs epochs", default=-1)
+    epochs: float = _help("passes over the data when --max-steps is -1", default=1.0)
+    resume: bool = _help(
+        "continue an interrupted run from its last complete checkpoint", default=False
+    )
+    overwrite: bool = _help("replace an existing ensemble directory at --out", default=False)
+    learning_rate: float = _help("AdamW learning rate", default=2e-4)
+    lr_scheduler: str = _help("learning-rate schedule (transformers name)", default="linear")
+    warmup_ratio: float = _help("fraction of steps for linear warm-up", default=0.0)
+    batch_size: int = _help("examples per device per step", default=8)
+    grad_accum: int = _help("gradient accumulation steps", default=1)
+    max_grad_norm: float = _help(
+        "clip the global gradient norm (0 = off; clipping couples members)", default=0.0
+    )
+    max_length: int = _help("maximum tokens per example (prompt + completion)", default=512)
+    lora_r: int = _help("LoRA rank r", default=8)
+    lora_alpha: int = _help("LoRA scaling α (not the Rényi α)", default=16)
+    lora_dropout: float = _help("LoRA dropout", default=0.05)
+    target_modules: str = _help(
+        "comma-separated module names to adapt, or 'all-linear' (every linear projection)",
+        default=ALL_LINEAR,
+    )
+    seed: int = _help("seed; member k's LoRA A matrices use seed + 1000·k", default=0)
+    weights: Weights = _help("mixture weights π: uniform or learned", default=Weights.UNIFORM)
+    normalize_by_length: bool = _help(
+        "compute responsibilities from per-token log-likelihoods (α acts per token), "
+        "not whole-sequence ones",
+        default=False,
+    )
+    gradient_checkpointing: bool = _help(
+        "recompute activations in the backward pass (K× less activation memory)", default=False
+    )
+    eval_data: str = _help(
+        "validation JSONL (same format); evaluated every --eval-steps", default=""
+    )
+    eval_steps: int = _help("evaluate every N steps (0 = only at the end)", default=0)
+    save_steps: int = _help("checkpoint every N steps (for --resume)", default=50)
+    logging_steps: int = _help("log every N steps to train_log.jsonl", default=5)
+    time_budget: float = _help(
+        "stop after this many seconds and export (0 = no limit)", default=0.0
+    )
+    routing_examples: int = _help(
+        "training examples scored at the end for the routing statistics", default=512
+    )
+    name: str = _help("ensemble name (default: the --out directory's name)", default="")
+    keep_checkpoints: bool = _help(
+        "keep the run directory after a successful export", default=False
+    )
+
+    objective = "sft"
+
+    def __post_init__(self) -> None:
+        self.weights = Weights(self.weights)
+        checks: list[tuple[bool, str]] = [
+            (bool(self.data), "--data is required: a JSONL file"),
+            (bool(self.out), "--out is required: the ensemble directory to write"),
+            (
+                math.isfinite(self.alpha) and self.alpha >= 0,
+                f"--alpha must be >= 0, got {self.alpha}",
+            ),
+            (self.members >= 1, f"--members must be >= 1, got {self.members}"),
+            (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}"),
+            (self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}"),
+            (
+                0.0 <= self.lora_dropout < 1.0,
+                f"--lora-dropout must be in [0, 1), got {self.lora_dropout}",
+            ),
+            (self.max_steps == -1 or self.max_steps >= 1, "--max-steps must be -1 or >= 1"),
+            (self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
+            (self.save_steps >= 1, f"--save-steps must be >= 1, got {self.save_steps}"),
+            (self.logging_steps >= 1, f"--logging-steps must be >= 1, got {self.logging_steps}"),
+            (self.time_budget >= 0, "--time-budget must be >= 0 seconds"),
+            (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if not self.name:
+            self.name = Path(self.out).name
+        if not self.target_module_list():
+            raise ConfigError("--target-modules is empty: give module names or 'all-linear'")
+
+    # ------------------------------------------------------------------ derived
+
+    def target_module_list(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def member_names(self) -> list[str]:
+        return [f"m{k}" for k in range(self.members)]
+
+    def member_seed(self, k: int) -> int:
+        return self.seed + 1000 * k
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir_for(Path(self.out))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weights"] = str(self.weights)
+        d["objective"] = self.objective
+        return d
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the interrupted one."""
+        skip = {"resume", "overwrite", "time_budget", "keep_checkpoints", "max_steps", "epochs"}
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
+
+    def check_paths(self) -> None:
+        """Validate files and directories (before anything is loaded or written)."""
+        for flag, value in (("--data", self.data), ("--eval-data", self.eval_data)):
+            if value and not Path(value).is_file():
+                raise ConfigError(
+                    f"{flag} {value}: no such file (build defaults: softspec data build)"
+                )
+        base = Path(self.base)
+        if not (base / "config.json").is_file():
+            raise ConfigError(
+                f"--base {self.base}: not a model directory (no config.json); "
+                "run `softspec model export-default` or pass a Hugging Face model directory"
+            )
+        out = Path(self.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if not (out / MANIFEST_FILE).is_file():
+                raise ConfigError(
+                    f"--out {out} holds something that is not an ensemble: choose another --out"
+                )
+            if not self.overwrite:
+                raise ConfigError(
+                    f"--out {out} already holds an ensemble: "
+                    "choose another --out or pass --overwrite"
+                )
+        if self.run_dir.exists() and not self.resume and not self.overwrite:
+            raise ConfigError(
+                f"an interrupted run left {self.run_dir}: pass --resume to continue it, "
+                "or --overwrite to start again"
+            )
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """``softspec train sft``: supervised fine-tuning on prompt/completion or messages data."""
+
+    objective = "sft"
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """``softspec train dpo``: α-Rényi DPO on {prompt, chosen, rejected} pairs."""
+
+    beta: float = _help("DPO temperature β", default=0.1)
+    init_from: str = _help(
+        "SFT ensemble directory: each member starts from (and is referenced to) its SFT adapter",
+        default="",
+    )
+
+    objective = "dpo"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"--beta must be > 0, got {self.beta}")
+
+    def check_paths(self) -> None:
+        super().check_paths()
+        if self.init_from and not (Path(self.init_from) / MANIFEST_FILE).is_file():
+            raise ConfigError(f"--init-from {self.init_from}: not an ensemble directory")
+
+
+def run_dir_for(out: Path) -> Path:
+    """Checkpoints and logs of a run in progress live next to ``out`` until the export."""
+    return out.with_name(out.name + ".run")

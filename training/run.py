@@ -1,0 +1,213 @@
+"""One training run end to end: validate → load → train (resumable) → routing → export.
+
+Everything that can be wrong with the input is checked before the run directory is
+created: flags (config ``__post_init__``), paths, every data row (tokenized up front),
+target modules. The run directory ``<out>.run/`` holds checkpoints and the JSONL log
+while training; the ensemble directory appears only when complete (atomic rename), and
+the run directory is removed after a successful export unless ``--keep-checkpoints``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+
+from ensemble.atomic import atomic_write_json, sha256_file
+from ensemble.errors import ConfigError
+from training.config import DPOConfig, TrainConfig
+from training.data import load_dpo, load_sft
+from training.export import LOG_FILE, export_ensemble
+from training.model import EnsembleLM, build_ensemble, load_model, load_tokenizer
+from training.routing import routing_summary, score_examples
+from training.trainer import (
+    DPOTrainerMixin,
+    EnsembleTrainer,
+    ExampleDataset,
+    JsonlLogCallback,
+    PairDataset,
+    PostfixProgressCallback,
+    TimeBudgetCallback,
+    collate,
+    last_complete_checkpoint,
+)
+
+__all__ = ["TrainResult", "train_ensemble"]
+
+CONFIG_FILE = "run_config.json"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    seconds: float
+    routing: dict[str, Any]
+
+
+class DPOEnsembleTrainer(DPOTrainerMixin, EnsembleTrainer):
+    """EnsembleTrainer with the DPO preference likelihood (see training/dpo.py)."""
+
+
+def _datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any, list[str]]:
+    if isinstance(cfg, DPOConfig):
+        train = load_dpo(cfg.data, tokenizer, cfg.max_length)
+        evals = load_dpo(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
+        return PairDataset(train), PairDataset(evals) if evals else None, [p.group for p in train]
+    train_sft = load_sft(cfg.data, tokenizer, cfg.max_length)
+    eval_sft = load_sft(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
+    groups = [e.group for e in train_sft]
+    return ExampleDataset(train_sft), ExampleDataset(eval_sft) if eval_sft else None, groups
+
+
+def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> TrainingArguments:
+    cpu = not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=0.0,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval and cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps or None,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=cpu,
+        ddp_backend="gloo" if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        disable_tqdm=False,
+        ddp_find_unused_parameters=False,  # every member adapter is used in every step
+    )
+
+
+def _check_resume(cfg: TrainConfig) -> None:
+    """On --resume, the interrupted run must have been started with the same options."""
+    saved = cfg.run_dir / CONFIG_FILE
+    if not (cfg.resume and saved.exists()):
+        return
+    before = json.loads(saved.read_text())
+    now = json.loads(json.dumps(cfg.identity()))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        flags = ", ".join("--" + c.replace("_", "-") for c in changed)
+        raise ConfigError(
+            f"--resume: {flags} differ from the interrupted run in {cfg.run_dir}; "
+            "use the same options or --overwrite"
+        )
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> None:
+    """Create the run directory (main process), unless resuming into an existing one."""
+    run_dir = cfg.run_dir
+    if cfg.resume and (run_dir / CONFIG_FILE).exists():
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    atomic_write_json(run_dir / CONFIG_FILE, cfg.identity())
+
+
+def train_ensemble(cfg: TrainConfig) -> TrainResult:
+    """Train and export an ensemble; see the module docstring for the order of checks."""
+    t0 = time.monotonic()
+    args = _training_args(cfg, cfg.run_dir, bool(cfg.eval_data))
+    state = args.distributed_state  # every process checks the same things, then waits
+    cfg.check_paths()
+    _check_resume(cfg)
+    state.wait_for_everyone()
+    tokenizer = load_tokenizer(cfg.base)
+    train_ds, eval_ds, groups = _datasets(cfg, tokenizer)  # every row checked before loading
+    ens = build_ensemble(load_model(cfg.base), cfg)
+    if isinstance(cfg, DPOConfig):
+        from training.dpo import prepare_dpo
+
+        prepare_dpo(ens, cfg)
+    if state.is_main_process:
+        _prepare_run_dir(cfg)
+    state.wait_for_everyone()
+    checkpoint = last_complete_checkpoint(cfg.run_dir) if cfg.resume else None
+
+    collate_fn = functools.partial(collate, pad_id=tokenizer.pad_token_id)
+    trainer_cls = DPOEnsembleTrainer if isinstance(cfg, DPOConfig) else EnsembleTrainer
+    trainer = trainer_cls(
+        model=ens,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collate_fn,
+        config=cfg,
+        callbacks=[JsonlLogCallback(cfg.run_dir / LOG_FILE), TimeBudgetCallback(cfg.time_budget)],
+    )
+    trainer.remove_callback(ProgressCallback)  # replaced by one that shows loss on the bar
+    trainer.add_callback(PostfixProgressCallback())
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.save_model()  # final state in the run dir (resume after a crash during export)
+    steps = int(trainer.state.global_step)
+
+    training: dict[str, Any] = {}
+    if trainer.is_world_process_zero():
+        training = _summary(cfg, trainer, ens, train_ds, groups, collate_fn, result, t0)
+        export_ensemble(ens, cfg, str(Path(cfg.base).resolve()), cfg.run_dir, training)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(Path(cfg.out), steps, time.monotonic() - t0, training.get("routing", {}))
+
+
+def _summary(
+    cfg: TrainConfig,
+    trainer: EnsembleTrainer,
+    ens: EnsembleLM,
+    train_ds: Any,
+    groups: list[str],
+    collate_fn: Any,
+    result: Any,
+    t0: float,
+) -> dict[str, Any]:
+    """The manifest's free-form ``training`` section, with routing statistics."""
+    ens.eval()
+    device = trainer.args.device
+
+    def batch_logp(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logp, routing = trainer.member_logp(ens, batch)
+        return routing if routing is not None else logp
+
+    logp, idx = score_examples(
+        batch_logp, train_ds, collate_fn, cfg.batch_size, cfg.routing_examples, cfg.seed
+    )
+    lw = ens.log_weights.double().cpu().numpy()
+    routing = routing_summary(logp, cfg.alpha, lw, [groups[i] for i in idx], ens.members)
+    metrics = result.metrics if result is not None else {}
+    return {
+        "objective": cfg.objective,
+        "data": {"path": str(Path(cfg.data).resolve()), "sha256": sha256_file(cfg.data)},
+        "examples": len(train_ds),
+        "steps": int(trainer.state.global_step),
+        "epochs": round(float(trainer.state.epoch or 0.0), 4),
+        "train_loss": metrics.get("train_loss"),
+        "seconds": round(time.monotonic() - t0, 1),
+        "config": cfg.to_dict(),
+        "member_seeds": [cfg.member_seed(k) for k in range(cfg.members)],
+        "routing": routing,
+    }

@@ -1,0 +1,324 @@
+"""``EnsembleTrainer``: a :class:`transformers.Trainer` that optimises the α-Rényi objective.
+
+It overrides only what it must:
+
+* ``compute_loss`` — K member log-likelihoods from :class:`~training.model.EnsembleLM`,
+  the objective from :mod:`training.loss`, routing statistics, learned mixture weights;
+* ``prediction_step`` — evaluation loss (ℓ_α on the validation data);
+* ``log`` — adds routing entropy, per-member responsibility and π to every log line;
+* ``_save`` / ``_load_from_checkpoint`` — checkpoints hold the K adapters and π only
+  (one small safetensors file), never the frozen base.
+
+Everything else — the loop, AdamW, the schedule, gradient accumulation, DDP through
+``accelerate launch``, checkpoints with optimizer/scheduler/RNG state, resume — is the
+Trainer's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from ensemble.math import update_mixture_weights
+from training.config import TrainConfig, Weights
+from training.data import IGNORE, DPOExample, SFTExample
+from training.loss import preference_logprob, renyi_objective
+
+__all__ = [
+    "STATE_FILE",
+    "DPOTrainerMixin",
+    "EnsembleTrainer",
+    "ExampleDataset",
+    "JsonlLogCallback",
+    "PairDataset",
+    "PostfixProgressCallback",
+    "TimeBudgetCallback",
+    "collate",
+    "last_complete_checkpoint",
+]
+
+STATE_FILE = "ensemble_state.safetensors"
+LR_EMA = 0.1  # weight of the newest batch in the running α=1 responsibilities (learned π)
+
+
+# ----------------------------------------------------------------------- data plumbing
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """SFT examples as dicts the collator pads; ``idx`` ties a row back to its group."""
+
+    def __init__(self, examples: Sequence[SFTExample]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ex = self.examples[i]
+        return {"input_ids": ex.input_ids, "labels": ex.labels, "idx": i}
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """DPO pairs: chosen and rejected sequences of one preference."""
+
+    def __init__(self, pairs: Sequence[DPOExample]) -> None:
+        self.pairs = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        p = self.pairs[i]
+        return {"chosen": p.chosen, "rejected": p.rejected, "idx": i}
+
+
+def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; DPO rows become 2B sequences (chosen first, then rejected)."""
+    if "chosen" in rows[0]:
+        seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+        ids = [s.input_ids for s in seqs]
+        labels = [s.labels for s in seqs]
+    else:
+        ids = [r["input_ids"] for r in rows]
+        labels = [r["labels"] for r in rows]
+    input_ids = _pad(ids, pad_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": _pad([[1] * len(s) for s in ids], 0),
+        "labels": _pad(labels, IGNORE),
+        "idx": torch.tensor([r["idx"] for r in rows], dtype=torch.long),
+    }
+
+
+# ----------------------------------------------------------------------- the trainer
+
+
+def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t
+
+
+class EnsembleTrainer(Trainer):
+    """Trainer for the α-Rényi SFT objective; see the module docstring."""
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    def __init__(self, *args: Any, config: TrainConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config = config
+        k = config.members
+        self._resp_sum = torch.zeros(k, dtype=torch.float64)
+        self._entropy_sum = torch.zeros((), dtype=torch.float64)
+        self._seen = torch.zeros((), dtype=torch.float64)
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
+
+    # -- the objective -------------------------------------------------------------
+
+    def member_logp(
+        self, model: Any, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(K, B) log-likelihoods the objective mixes, and those used for routing (or None)."""
+        scores = model(**inputs)
+        if self.config.normalize_by_length:
+            return scores.logp, scores.logp / scores.n_tokens.clamp(min=1).to(scores.logp.dtype)
+        return scores.logp, None
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        inputs = dict(inputs)
+        inputs.pop("idx", None)
+        ens = self.accelerator.unwrap_model(model)
+        logp, routing = self.member_logp(model, inputs)
+        out = renyi_objective(logp, self.config.alpha, ens.log_weights, routing)
+        if model.training:
+            self._track(out.resp, out.per_example)
+            if self.config.weights == Weights.LEARNED:
+                self._update_weights(ens, (logp if routing is None else routing).detach())
+        return (out.loss, out) if return_outputs else out.loss
+
+    def _track(self, resp: torch.Tensor, per_example: torch.Tensor) -> None:
+        r = resp.double().cpu()
+        self._resp_sum += r.sum(dim=1)
+        self._entropy_sum += -(r * r.clamp_min(1e-300).log()).sum()
+        self._seen += r.shape[1]
+        self._loss_sum += per_example.double().cpu().sum()
+
+    def _update_weights(self, ens: Any, logp: torch.Tensor) -> None:
+        """EM step for π: running mean of α=1 responsibilities, smoothed and floored."""
+        r1 = torch.softmax(ens.log_weights[:, None].to(logp.dtype) + logp, dim=0).mean(dim=1)
+        r1 = _all_reduce_mean(r1.float())
+        ens.resp_ema.mul_(1 - LR_EMA).add_(LR_EMA * r1.to(ens.resp_ema.device))
+        pi = update_mixture_weights(ens.resp_ema.double().cpu().numpy())
+        ens.log_weights.copy_(torch.as_tensor(np.log(pi), dtype=ens.log_weights.dtype))
+
+    def prediction_step(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- logging -------------------------------------------------------------------
+
+    def routing_logs(self) -> dict[str, Any]:
+        """Means since the last log (all processes), then reset."""
+        totals = torch.cat(
+            [self._resp_sum, self._entropy_sum[None], self._seen[None], self._loss_sum[None]]
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            totals = totals.to(self.args.device)
+            torch.distributed.all_reduce(totals)
+            totals = totals.cpu()
+        k = self.config.members
+        seen = float(totals[k + 1])
+        self._resp_sum.zero_()
+        self._entropy_sum.zero_()
+        self._seen.zero_()
+        self._loss_sum.zero_()
+        if seen == 0:
+            return {}
+        ens = self.accelerator.unwrap_model(self.model)
+        return {
+            "renyi_loss": float(totals[k + 2]) / seen,
+            "routing_entropy": float(totals[k]) / seen,
+            "responsibility": [round(float(x) / seen, 6) for x in totals[:k]],
+            "pi": [round(float(x), 6) for x in ens.log_weights.exp().tolist()],
+        }
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log line (not eval / final summary)
+            logs = {**logs, **self.routing_logs()}
+        super().log(logs, start_time)
+
+    # -- checkpoints: the K adapters and π only ------------------------------------
+
+    def _save(
+        self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None
+    ) -> None:
+        output_dir = str(output_dir or self.args.output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        ens = self.accelerator.unwrap_model(self.model)
+        tmp = os.path.join(output_dir, f".{STATE_FILE}.tmp")
+        save_file(ens.trainable_state_dict(), tmp)
+        os.replace(tmp, os.path.join(output_dir, STATE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        ens = self.accelerator.unwrap_model(model or self.model)
+        ens.load_trainable_state_dict(load_file(os.path.join(resume_from_checkpoint, STATE_FILE)))
+
+
+class DPOTrainerMixin:
+    """Swaps the SFT log-likelihood for the DPO preference log-likelihood log σ(h_k).
+
+        h_k = β[(log p_k(y_w) − log p_ref(y_w)) − (log p_k(y_l) − log p_ref(y_l))]
+
+    The reference is the base with adapters disabled, or (``--init-from``) member k's own
+    frozen SFT adapter; reference log-likelihoods need no gradient and are cached per
+    example, since they never change.
+    """
+
+    config: Any
+
+    def member_logp(
+        self, model: Any, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from training.dpo import dpo_margins
+
+        margins = dpo_margins(self, model, inputs)
+        return preference_logprob(margins), None
+
+
+# ----------------------------------------------------------------------- callbacks
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every log line to ``train_log.jsonl``; on resume drops lines past the checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= state.global_step
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "time": round(time.time(), 3), **logs}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stops training (with a final checkpoint) once ``seconds`` of training have passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.start = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.start = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.seconds and time.monotonic() - self.start > self.seconds:
+            control.should_training_stop = True
+
+
+class PostfixProgressCallback(ProgressCallback):
+    """The usual step bar, with loss and routing entropy shown on it instead of printed."""
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k: logs[k] for k in ("loss", "routing_entropy", "eval_loss") if k in logs}
+            self.training_bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``checkpoint-N`` that finished writing (state file and trainer state)."""
+    done = []
+    for d in run_dir.glob("checkpoint-*"):
+        suffix = d.name.split("-")[-1]
+        if suffix.isdigit() and (d / STATE_FILE).is_file() and (d / "trainer_state.json").is_file():
+            done.append((int(suffix), d))
+    return max(done)[1] if done else None
