@@ -1,0 +1,159 @@
+"""``softspec serve``: validate settings, start the engine (a vLLM child process unless
+``--vllm-url``), and run the gateway with uvicorn until SIGINT/SIGTERM.
+
+Everything is checked before anything starts: the settings (flags over ``SOFTSPEC_*``
+variables), the manifest and adapter hashes, the gateway port. A vLLM child is stopped
+on every exit path (normal, signal, error); if this process is killed outright, the
+child gets SIGTERM from the kernel (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ensemble import manifest as manifest_io
+from ensemble.errors import ConfigError
+from server.engine import Engine
+from server.metrics import Metrics
+from server.settings import Settings
+from server.vllm_process import VLLMProcess, _port_free
+
+__all__ = ["build_parser", "run_serve", "settings_from_args"]
+
+log = logging.getLogger("softspec.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="softspec serve",
+        description="Serve an ensemble behind an OpenAI-compatible API with uncertainty. "
+        "Every option can also be set as SOFTSPEC_<OPTION> (e.g. SOFTSPEC_GATE_THRESHOLD).",
+    )
+    p.add_argument("--ensemble", type=Path, help="ensemble directory (ensemble.json)")
+    p.add_argument("--engine", choices=["vllm", "local"], help="vllm (default) or local")
+    p.add_argument("--vllm-url", help="use this running vLLM server instead of starting one")
+    p.add_argument("--base-model", help="override the manifest's base model path")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--gate-score", help="uncertainty score the gate thresholds")
+    p.add_argument("--gate-threshold", type=float, help="gate threshold (higher score = less sure)")
+    p.add_argument("--gate-action", choices=["flag", "abstain"], help="what the gate does above it")
+    p.add_argument("--api-keys", help="comma-separated bearer keys (default: no auth)")
+    p.add_argument("--request-timeout", type=float, help="seconds per upstream call")
+    p.add_argument("--max-model-len", type=int, help="context length given to vLLM")
+    return p
+
+
+def settings_from_args(argv: Sequence[str]) -> Settings:
+    args = build_parser().parse_args(list(argv))
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(x) for x in first["loc"])
+        if first["type"] == "missing":
+            raise ConfigError(
+                f"--{field.replace('_', '-')} is required (or set SOFTSPEC_{field.upper()})"
+            ) from exc
+        raise ConfigError(f"--{field.replace('_', '-')}: {first['msg']}") from exc
+    return settings
+
+
+def engine_factory(
+    settings: Settings, url: str | None
+) -> Callable[[manifest_io.EnsembleManifest, Metrics], Engine]:
+    if settings.engine == "local":
+        from training.local_engine import LocalEngine
+
+        def local(manifest: manifest_io.EnsembleManifest, metrics: Metrics) -> Engine:
+            return LocalEngine(settings.ensemble, manifest, base_model=settings.base_model)
+
+        return local
+
+    from server.vllm_engine import VLLMEngine
+
+    def vllm(manifest: manifest_io.EnsembleManifest, metrics: Metrics) -> Engine:
+        assert url is not None
+        return VLLMEngine(
+            url, manifest, timeout=settings.request_timeout, metrics=metrics,
+            max_model_len=settings.max_model_len,
+        )  # fmt: skip
+
+    return vllm
+
+
+def vllm_process(settings: Settings, manifest: manifest_io.EnsembleManifest) -> VLLMProcess:
+    """The vLLM child for this ensemble: every member as a versioned LoRA module."""
+    root = Path(settings.ensemble)
+    base = settings.base_model or manifest.resolve_base_model(root)
+    adapters = {
+        manifest.served_name(m): str(manifest.adapter_dir(root, m).resolve())
+        for m in manifest.member_names
+    }
+    return VLLMProcess(
+        model=base,
+        adapters=adapters,
+        max_lora_rank=manifest.lora.r,
+        max_logprobs=settings.top_logprobs,
+        max_model_len=settings.max_model_len,
+        dtype=settings.vllm_dtype,
+        extra_args=settings.vllm_args,
+        startup_timeout=settings.vllm_startup_timeout,
+    )
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (uvicorn re-raises it after its graceful shutdown)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def run_serve(argv: Sequence[str]) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = settings_from_args(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    manifest = manifest_io.load(settings.ensemble)
+    if not _port_free(settings.host, settings.port):
+        raise ConfigError(f"port {settings.port} on {settings.host} is in use: pass another --port")
+    child: VLLMProcess | None = None
+    url = settings.vllm_url
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # stop the child on SIGTERM too
+    try:
+        if settings.engine == "vllm" and url is None:
+            child = vllm_process(settings, manifest)
+            print(f"softspec: starting vLLM for {len(manifest.members)} members", file=sys.stderr)
+            child.start()
+            url = child.url
+            print(f"softspec: vLLM ready at {url} (log {child.log_path})", file=sys.stderr)
+        app = create_app(settings, engine_factory(settings, url), manifest)
+        where = f"http://{settings.host}:{settings.port}"
+        print(f"softspec: serving {manifest.name} on {where}", file=sys.stderr)
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+        )
+    except _Terminated:
+        print("softspec: stopped (SIGTERM)", file=sys.stderr)
+    finally:
+        if child is not None:
+            child.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return 0

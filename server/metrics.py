@@ -1,0 +1,45 @@
+"""Prometheus metrics of the gateway, in a registry per app (so tests can build several)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_EPISTEMIC = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "softspec_requests_total", "HTTP requests", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "softspec_request_seconds",
+            "request latency",
+            ["endpoint"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.inflight = Gauge("softspec_inflight_requests", "requests in progress", registry=r)
+        self.epistemic = Histogram(
+            "softspec_epistemic_nats", "epistemic uncertainty of answers (nats/token)",
+            buckets=_EPISTEMIC, registry=r,
+        )  # fmt: skip
+        self.gate = Counter(
+            "softspec_gate_decisions_total", "gate decisions", ["decision"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "softspec_upstream_errors_total", "engine errors", ["member", "kind"], registry=r
+        )
+        self.upstream_latency = Histogram(
+            "softspec_upstream_seconds", "engine call latency", ["member", "op"],
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip

@@ -1,0 +1,164 @@
+"""OpenAI-compatible request and response models, plus the additive ``ensemble`` extras.
+
+Fields follow OpenAI's order; everything non-standard is grouped under one comment per
+model. Unknown request fields are rejected (OpenAI does the same), so a typo is a 400
+with the field's name rather than a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "DecodeMode",
+    "EnsembleOptions",
+    "SelectMode",
+    "StreamOptions",
+]
+
+MAX_TOP_LOGPROBS = 20
+
+
+class DecodeMode(StrEnum):
+    """How the members produce an answer (DESIGN.md §3)."""
+
+    SEQUENCE = "sequence"  # each member generates; candidates cross-scored; one is selected
+    TOKEN = "token"  # lock-step mixture decoding, one token at a time (local engine only)
+
+
+class SelectMode(StrEnum):
+    """How sequence mode picks the answer among the candidates."""
+
+    MIXTURE = "mixture"  # highest per-token mixture log-likelihood
+    MAJORITY = "majority"  # most frequent normalised answer (ties: mixture score)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class EnsembleOptions(_Request):
+    """The ``ensemble`` request extra (all optional)."""
+
+    decode: DecodeMode = DecodeMode.SEQUENCE
+    select: SelectMode = SelectMode.MIXTURE
+    samples_per_member: int = Field(default=1, ge=1, le=16)
+    members: list[str] | None = Field(default=None, min_length=1)
+    return_candidates: bool = False
+    per_token: bool = False
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: Any) -> Any:
+        """Accept OpenAI's list-of-parts content when every part is text."""
+        if isinstance(v, list):
+            texts = [
+                str(p.get("text", "")) for p in v if isinstance(p, dict) and p.get("type") == "text"
+            ]
+            if len(texts) != len(v):
+                raise ValueError("only text content parts are supported")
+            return "".join(texts)
+        return v
+
+
+class _Sampling(_Request):
+    model: str
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # --- Soft Specialists extras -------------------------------------------------
+    ensemble: EnsembleOptions = Field(default_factory=EnsembleOptions)
+
+    @field_validator("n")
+    @classmethod
+    def _single_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(
+                "only n=1 is supported; use ensemble.samples_per_member for more candidates"
+            )
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions`` (one prompt: a string or a list of token ids)."""
+
+    prompt: str | list[int]
+    max_tokens: int = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[int]) -> str | list[int]:
+        if isinstance(v, str) and not v:
+            raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must hold at least one token id")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @property
+    def token_limit(self) -> int:
+        return self.max_tokens

@@ -1,0 +1,260 @@
+"""The production engine: a vLLM OpenAI-compatible server with one LoRA adapter per member.
+
+One shared :class:`httpx.AsyncClient` (explicit timeouts) talks to vLLM:
+
+* ``POST /tokenize`` renders a chat prompt (vLLM applies the model's chat template) or
+  encodes a text prompt, once per request;
+* ``POST /v1/completions`` with the prompt as token ids generates a member's candidates
+  (``logprobs: N``, tokens as ids), and scores candidates under a member by sending
+  prompt + candidate ids with ``max_tokens: 1`` and ``prompt_logprobs: N`` — all of a
+  member's candidates in one batched request;
+* ``GET /v1/models`` answers readiness (every versioned adapter name present).
+
+Connection failures become 503, timeouts 504, vLLM 5xx 502 and vLLM 4xx a 400 carrying
+vLLM's own message; each is counted per member in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from ensemble.manifest import EnsembleManifest
+from server.engine import Engine, Generation, ReadyState, SamplingParams, TokenScores
+from server.errors import (
+    APIError,
+    InvalidRequestError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from server.metrics import Metrics
+
+__all__ = ["VLLMEngine"]
+
+_ID_PREFIX = "token_id:"
+
+
+def _token_id(key: str) -> int:
+    return int(key[len(_ID_PREFIX) :]) if key.startswith(_ID_PREFIX) else int(key)
+
+
+class VLLMEngine(Engine):
+    """See the module docstring."""
+
+    kind = "vllm"
+
+    def __init__(
+        self,
+        base_url: str,
+        manifest: EnsembleManifest,
+        *,
+        timeout: float = 120.0,
+        metrics: Metrics | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_model_len: int = 2048,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.manifest = manifest
+        self.timeout = timeout
+        self.metrics = metrics
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._texts: dict[int, str] = {}
+        self.max_model_len = max_model_len
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(self.timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            transport=self._transport,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("VLLMEngine.start() was not called")
+        return self._client
+
+    def served(self, member: str) -> str:
+        return self.manifest.served_name(member)
+
+    async def _call(
+        self, method: str, path: str, member: str, op: str, body: dict[str, Any] | None = None
+    ) -> Any:
+        t0 = time.perf_counter()
+        try:
+            resp = await self.client.request(method, path, json=body)
+        except httpx.TimeoutException as exc:
+            self._count(member, "timeout")
+            raise UpstreamTimeoutError(
+                f"the engine did not answer {op} for member {member} within {self.timeout:.0f}s"
+            ) from exc
+        except httpx.TransportError as exc:
+            self._count(member, "unavailable")
+            raise UpstreamUnavailableError(
+                f"the engine at {self.base_url} is unreachable ({type(exc).__name__}); retry later"
+            ) from exc
+        finally:
+            if self.metrics is not None:
+                self.metrics.upstream_latency.labels(member, op).observe(time.perf_counter() - t0)
+        if resp.status_code >= 500:
+            self._count(member, "server_error")
+            raise UpstreamError(f"the engine failed on {op} ({resp.status_code}): {_message(resp)}")
+        if resp.status_code >= 400:
+            self._count(member, "rejected")
+            raise InvalidRequestError(f"the engine rejected the request: {_message(resp)}")
+        return resp.json()
+
+    def _count(self, member: str, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_errors.labels(member, kind).inc()
+
+    # ------------------------------------------------------------------ interface
+
+    async def ready(self) -> ReadyState:
+        try:
+            data = await self._call("GET", "/v1/models", "-", "models")
+        except APIError as exc:
+            return ReadyState(False, exc.message)
+        ids = {m.get("id") for m in data.get("data", [])}
+        for m in data.get("data", []):
+            if m.get("max_model_len"):
+                self.max_model_len = int(m["max_model_len"])
+        members = {name: self.served(name) in ids for name in self.manifest.member_names}
+        missing = [n for n, ok in members.items() if not ok]
+        detail = "all members loaded" if not missing else f"adapters not loaded: {missing}"
+        return ReadyState(not missing, detail, members)
+
+    async def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        first = self.manifest.member_names[0]
+        body = {
+            "model": self.served(first),
+            "messages": list(messages),
+            "add_generation_prompt": True,
+        }
+        return list((await self._call("POST", "/tokenize", first, "tokenize", body))["tokens"])
+
+    async def encode(self, text: str) -> list[int]:
+        first = self.manifest.member_names[0]
+        body = {"model": self.served(first), "prompt": text}
+        return list((await self._call("POST", "/tokenize", first, "tokenize", body))["tokens"])
+
+    async def token_texts(self, ids: Sequence[int]) -> dict[int, str]:
+        missing = sorted({i for i in ids if i not in self._texts})
+        first = self.manifest.member_names[0]
+
+        async def one(i: int) -> None:
+            body = {"model": self.served(first), "tokens": [i]}
+            self._texts[i] = (await self._call("POST", "/detokenize", first, "detokenize", body))[
+                "prompt"
+            ]
+
+        await asyncio.gather(*(one(i) for i in missing))
+        return {i: self._texts[i] for i in ids}
+
+    async def generate(
+        self, member: str, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> list[Generation]:
+        body: dict[str, Any] = {
+            "model": self.served(member),
+            "prompt": list(prompt_ids),
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "n": params.n,
+            "logprobs": params.top_n,
+            "return_tokens_as_token_ids": True,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        data = await self._call("POST", "/v1/completions", member, "generate", body)
+        return [
+            self._generation(member, c) for c in sorted(data["choices"], key=lambda c: c["index"])
+        ]
+
+    def _generation(self, member: str, choice: dict[str, Any]) -> Generation:
+        lp = choice.get("logprobs") or {}
+        ids = [_token_id(t) for t in lp.get("tokens") or []]
+        scores = TokenScores(
+            token_ids=ids,
+            logprobs=[float(x) for x in lp.get("token_logprobs") or []],
+            top=[
+                {_token_id(k): float(v) for k, v in (d or {}).items()}
+                for d in lp.get("top_logprobs") or []
+            ],
+        )
+        return Generation(
+            member, choice.get("text", ""), ids, choice.get("finish_reason") or "stop", scores
+        )
+
+    async def score(
+        self,
+        member: str,
+        prompt_ids: Sequence[int],
+        candidates: Sequence[Sequence[int]],
+        top_n: int,
+    ) -> list[TokenScores]:
+        if not candidates:
+            return []
+        body = {
+            "model": self.served(member),
+            "prompt": [list(prompt_ids) + list(c) for c in candidates],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": top_n,
+        }
+        data = await self._call("POST", "/v1/completions", member, "score", body)
+        choices = sorted(data["choices"], key=lambda c: c["index"])
+        return [
+            self._scored(len(prompt_ids), c, ch, top_n)
+            for c, ch in zip(candidates, choices, strict=True)
+        ]
+
+    def _scored(
+        self, n_prompt: int, cand: Sequence[int], choice: dict[str, Any], top_n: int
+    ) -> TokenScores:
+        positions = (choice.get("prompt_logprobs") or [])[n_prompt : n_prompt + len(cand)]
+        logprobs, tops = [], []
+        for tok, entry in zip(cand, positions, strict=True):
+            entry = entry or {}
+            actual = entry.get(str(tok))
+            if actual is None:
+                raise UpstreamError(f"the engine returned no log-prob for scored token {tok}")
+            logprobs.append(float(actual["logprob"]))
+            top = {}
+            for key, info in entry.items():
+                tid = int(key)
+                if info.get("decoded_token") is not None:
+                    self._texts.setdefault(tid, info["decoded_token"])
+                if (info.get("rank") or 0) <= top_n or tid == tok:
+                    top[tid] = float(info["logprob"])
+            tops.append(top)
+        return TokenScores(list(cand), logprobs, tops)
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:300]
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("message", err))[:500]
+        return str(err)[:500]
+    return str(body)[:300]

@@ -1,0 +1,176 @@
+"""The real stack through the official openai SDK: vLLM CPU + SmolLM2 + trained adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from ensemble.manifest import load as load_manifest
+from ensemble.math import mixture_logprob
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def sdk(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def check_invariants(choice: dict, manifest, members: list[str] | None = None) -> None:  # type: ignore[no-untyped-def]
+    u, r = choice["uncertainty"], choice["responsibilities"]
+    assert u["epistemic"] >= 0 and u["aleatoric"] >= 0
+    assert u["total"] == pytest.approx(u["epistemic"] + u["aleatoric"], abs=1e-9)
+    assert sum(r.values()) == pytest.approx(1.0, abs=1e-9)
+    assert set(r) == set(members or manifest.member_names)
+    for c in choice.get("candidates") or []:
+        lw = np.array([np.log(manifest.member(m).weight) for m in c["scores"]])
+        lw -= np.logaddexp.reduce(lw)
+        assert c["mixture_logprob"] == pytest.approx(
+            mixture_logprob(np.array(list(c["scores"].values())), lw), abs=1e-6
+        )
+
+
+def test_models(smol_gateway: str) -> None:
+    ids = [m.id for m in sdk(smol_gateway).models.list().data]
+    assert ids == ["smol", "smol:m0", "smol:m1", "smol:m2"]
+
+
+def test_chat_completion_with_uncertainty(smol_gateway: str, smol_ensemble: Path) -> None:
+    manifest = load_manifest(smol_ensemble)
+    raw = sdk(smol_gateway).chat.completions.with_raw_response.create(
+        model="smol", messages=QUESTION, max_tokens=24, temperature=0, logprobs=True, top_logprobs=3,
+        extra_body={"ensemble": {"return_candidates": True, "per_token": True}},
+    )  # fmt: skip
+    resp = raw.parse()
+    body = resp.model_dump()
+    choice = body["choices"][0]
+    assert choice["message"]["content"].strip()
+    check_invariants(choice, manifest)
+    cands = choice["candidates"]
+    assert [c["member"] for c in cands] == ["m0", "m1", "m2"]
+    # the standard logprobs are the mixture's, one per answer token, consistent with the scores
+    content = resp.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert len(content) == len(choice["uncertainty"]["per_token"]) > 0
+    assert all(len(t.top_logprobs) <= 3 and t.logprob <= 0 for t in content)
+    best = max(cands, key=lambda c: c["mixture_logprob"] / 1)  # the chosen one is among them
+    assert any(c["text"] == choice["message"]["content"] for c in cands) and best
+    assert body["gate"]["decision"] in ("pass", "flag")
+    assert raw.headers["x-gate-decision"] == body["gate"]["decision"]
+    assert body["usage"]["completion_tokens"] >= len(content)
+
+
+def test_completion_and_member_only(smol_gateway: str, smol_ensemble: Path) -> None:
+    manifest = load_manifest(smol_ensemble)
+    client = sdk(smol_gateway)
+    resp = client.completions.create(
+        model="smol", prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=2
+    )
+    choice = resp.model_dump()["choices"][0]
+    check_invariants(choice, manifest)
+    assert len(resp.choices[0].logprobs.token_logprobs) > 0  # type: ignore[union-attr, arg-type]
+    single = client.chat.completions.create(
+        model="smol:m1", messages=QUESTION, max_tokens=12, temperature=0
+    )
+    c = single.model_dump()["choices"][0]
+    assert c["responsibilities"] == {"m1": 1.0} and c["uncertainty"]["epistemic"] == 0.0
+
+
+def test_streaming(smol_gateway: str) -> None:
+    client = sdk(smol_gateway)
+    plain = client.chat.completions.create(
+        model="smol", messages=QUESTION, max_tokens=16, temperature=0
+    )
+    stream = client.chat.completions.create(
+        model="smol", messages=QUESTION, max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    final = [c.model_dump() for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1
+    assert final[0]["choices"][0]["uncertainty"]["epistemic"] == pytest.approx(
+        plain.model_dump()["choices"][0]["uncertainty"]["epistemic"], abs=1e-9
+    )
+    assert final[0]["gate"]["decision"] in ("pass", "flag")
+    assert (
+        chunks[-1].usage is not None and chunks[-1].usage.total_tokens == plain.usage.total_tokens
+    )  # type: ignore[union-attr]
+
+
+def test_errors_through_the_sdk(smol_gateway: str) -> None:
+    client = sdk(smol_gateway)
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.chat.completions.create(model="nope", messages=QUESTION)
+    assert nf.value.body["param"] == "model"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smol", messages=QUESTION, temperature=5)
+    with pytest.raises(openai.BadRequestError) as br:
+        client.chat.completions.create(
+            model="smol", messages=QUESTION, extra_body={"ensemble": {"members": ["m9"]}}
+        )
+    assert "m9" in str(br.value)
+    with pytest.raises(openai.BadRequestError) as ctx:
+        client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=100_000)
+    assert "context length" in str(ctx.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smol", messages=[])
+    r = httpx.post(
+        f"{smol_gateway}/v1/chat/completions",
+        content=b"{",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_same_adapter_three_times_has_no_epistemic(same_gateway: str, same_ensemble: Path) -> None:
+    client = sdk(same_gateway)
+    resp = client.chat.completions.create(
+        model="same", messages=QUESTION, max_tokens=16, temperature=0,
+        extra_body={"ensemble": {"return_candidates": True}},
+    )  # fmt: skip
+    choice = resp.model_dump()["choices"][0]
+    check_invariants(choice, load_manifest(same_ensemble))
+    assert choice["uncertainty"]["epistemic"] < 1e-4
+    assert choice["uncertainty"]["disagreement"] == 0.0
+    assert abs(choice["uncertainty"]["sequence_epistemic"]) < 1e-4
+
+
+def test_trained_adapters_match_peft_in_vllm(
+    smol_ensemble: Path, vllm_server, smollm2_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's per-token log-probs of a fixed text equal peft's in float32 (tolerance 1e-3)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest = load_manifest(smol_ensemble)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok.apply_chat_template(
+        [*QUESTION, {"role": "assistant", "content": "The capital of France is Paris."}],
+        tokenize=True, return_dict=False,
+    )  # fmt: skip
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    model = None
+    for name in manifest.member_names:
+        adir = str(manifest.adapter_dir(smol_ensemble, name))
+        if model is None:
+            model = PeftModel.from_pretrained(base, adir, adapter_name=name)
+        else:
+            model.load_adapter(adir, adapter_name=name)
+        model.set_adapter(name)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        ours = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+        r = httpx.post(f"{vllm_server.url}/v1/completions", timeout=120, json={
+            "model": manifest.served_name(name), "prompt": ids, "max_tokens": 1, "prompt_logprobs": 1,
+        })  # fmt: skip
+        entries = r.json()["choices"][0]["prompt_logprobs"][1:]
+        theirs = torch.tensor([e[str(t)]["logprob"] for e, t in zip(entries, ids[1:], strict=True)])
+        assert torch.allclose(ours, theirs, atol=1e-3), (name, (ours - theirs).abs().max())

@@ -1,0 +1,80 @@
+"""A gateway on a fake vLLM (httpx.MockTransport): real app, real engine client, fake model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ensemble.atomic import sha256_file
+from ensemble.manifest import EnsembleManifest, GateSpec, LoraSpec, MemberSpec
+from server.app import create_app
+from server.settings import Settings
+from server.vllm_engine import VLLMEngine
+from tests.server.fake_vllm import FakeVLLM
+
+
+def make_manifest(root: Path, k: int = 3, alpha: float = 0.8, weights: list[float] | None = None,
+                  gate: GateSpec | None = None) -> EnsembleManifest:  # fmt: skip
+    members = []
+    for i in range(k):
+        adir = root / "adapters" / f"m{i}"
+        adir.mkdir(parents=True, exist_ok=True)
+        (adir / "adapter_model.safetensors").write_bytes(f"w{i}".encode())
+        (adir / "adapter_config.json").write_text("{}")
+        w = (weights or [1 / k] * k)[i]
+        members.append(
+            MemberSpec(
+                name=f"m{i}",
+                adapter=f"adapters/m{i}",
+                weight=w,
+                sha256=sha256_file(adir / "adapter_model.safetensors"),
+            )
+        )
+    m = EnsembleManifest(
+        name="ens", base_model="base", objective="sft", alpha=alpha, members=members,
+        lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj"]), gate=gate or GateSpec(),
+    )  # fmt: skip
+    m.save(root)
+    return m
+
+
+Factory = Callable[..., tuple[TestClient, FakeVLLM, EnsembleManifest]]
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Factory]:
+    """Build a gateway: ``gateway(k=3, personalities=[0, 1, 2], **settings)``."""
+    clients: list[TestClient] = []
+
+    def build(k: int = 3, personalities: list[int] | None = None, alpha: float = 0.8,
+              weights: list[float] | None = None, gate: GateSpec | None = None,
+              max_model_len: int = 256, **settings: object) -> tuple[TestClient, FakeVLLM, EnsembleManifest]:  # fmt: skip
+        root = tmp_path / f"ens{len(clients)}"
+        manifest = make_manifest(root, k, alpha, weights, gate)
+        pers = personalities if personalities is not None else list(range(k))
+        fake = FakeVLLM(
+            {manifest.served_name(m): p for m, p in zip(manifest.member_names, pers, strict=True)},
+            max_model_len,
+        )
+        cfg = Settings(ensemble=root, max_model_len=max_model_len, **settings)  # type: ignore[arg-type]
+
+        def engine(man: EnsembleManifest, metrics):  # type: ignore[no-untyped-def]
+            return VLLMEngine(
+                "http://vllm",
+                man,
+                metrics=metrics,
+                transport=fake.transport(),
+                max_model_len=max_model_len,
+            )
+
+        client = TestClient(create_app(cfg, engine))
+        client.__enter__()
+        clients.append(client)
+        return client, fake, manifest
+
+    yield build
+    for c in clients:
+        c.__exit__(None, None, None)
