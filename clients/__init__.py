@@ -1,1 +1,29 @@
-"""The Python client of the Soft Specialists gateway."""
+"""The Python client of the Soft Specialists gateway (built on the official ``openai`` SDK)."""
+
+from clients.softspec_client import (
+    Abstained,
+    Candidate,
+    DecodeMode,
+    EnsembleAnswer,
+    Gate,
+    GateDecision,
+    ProtocolError,
+    SelectMode,
+    SoftSpecClient,
+    TokenUncertainty,
+    Uncertainty,
+)
+
+__all__ = [
+    "Abstained",
+    "Candidate",
+    "DecodeMode",
+    "EnsembleAnswer",
+    "Gate",
+    "GateDecision",
+    "ProtocolError",
+    "SelectMode",
+    "SoftSpecClient",
+    "TokenUncertainty",
+    "Uncertainty",
+]

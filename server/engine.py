@@ -10,8 +10,9 @@ scored as ids, so every member sees exactly the same tokens.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +126,24 @@ class Engine(ABC):
         top_n: int,
     ) -> list[TokenScores]:
         """Each candidate's tokens scored by ``member`` given the prompt."""
+
+    async def generate_all(
+        self, members: Sequence[str], prompt_ids: Sequence[int], params: SamplingParams
+    ) -> list[list[Generation]]:
+        """Every member's candidates; engines that batch members override this."""
+        return list(await asyncio.gather(*(self.generate(m, prompt_ids, params) for m in members)))
+
+    async def score_all(
+        self,
+        prompt_ids: Sequence[int],
+        todo: Mapping[str, Sequence[Sequence[int]]],
+        top_n: int,
+    ) -> dict[str, list[TokenScores]]:
+        """Score ``todo[member]`` candidates under each member; batching engines override."""
+        results = await asyncio.gather(
+            *(self.score(m, prompt_ids, seqs, top_n) for m, seqs in todo.items())
+        )
+        return dict(zip(todo, results, strict=True))
 
     def decode_mixture(
         self,

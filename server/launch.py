@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys", help="comma-separated bearer keys (default: no auth)")
     p.add_argument("--request-timeout", type=float, help="seconds per upstream call")
     p.add_argument("--max-model-len", type=int, help="context length given to vLLM")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
     return p
 
 

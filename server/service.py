@@ -8,7 +8,6 @@ client that disconnects cancels every upstream call.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -157,9 +156,7 @@ class EnsembleService:
             raise InvalidRequestError("use stream_tokens for token mode")  # routes guarantee this
         prompt = await self.prompt_ids(job)
         usage = Usage()
-        gens = await asyncio.gather(
-            *(self.engine.generate(m, prompt, job.params) for m in job.members)
-        )
+        gens = await self.engine.generate_all(job.members, prompt, job.params)
         generations = [g for per_member in gens for g in per_member]
         usage.prompt_tokens += len(prompt) * len(job.members)
         usage.completion_tokens += sum(len(g.token_ids) for g in generations)
@@ -177,12 +174,11 @@ class EnsembleService:
             known.setdefault((g.member, tuple(g.token_ids)), g.scores)
         unique = list(dict.fromkeys(tuple(g.token_ids) for g in gens))
         todo = {m: [seq for seq in unique if (m, seq) not in known] for m in members}
-        results = await asyncio.gather(
-            *(self.engine.score(m, prompt, seqs, self.top_n) for m, seqs in todo.items())
-        )
+        todo = {m: seqs for m, seqs in todo.items() if seqs}
+        results = await self.engine.score_all(prompt, todo, self.top_n)
         usage.prompt_tokens += sum(len(prompt) + len(s) for seqs in todo.values() for s in seqs)
-        for (m, seqs), scored in zip(todo.items(), results, strict=True):
-            for seq, s in zip(seqs, scored, strict=True):
+        for m, seqs in todo.items():
+            for seq, s in zip(seqs, results[m], strict=True):
                 known[(m, seq)] = s
         return [Candidate(g, {m: known[(m, tuple(g.token_ids))] for m in members}) for g in gens]
 

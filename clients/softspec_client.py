@@ -1,0 +1,463 @@
+"""A typed client for the Soft Specialists gateway, built on the official ``openai`` SDK.
+
+The gateway is OpenAI-compatible and its extras are additive (DESIGN.md §3): the request
+extra ``ensemble`` travels in ``extra_body``, and the response extras — ``uncertainty``,
+``responsibilities`` and ``candidates`` on the choice, ``gate`` at the top level — are
+read back from the SDK objects' ``model_dump()``. This module only turns them into
+dataclasses; all HTTP (retries, timeouts, SSE, the error envelope) is the SDK's.
+
+Units and sign: every uncertainty score is "higher = more uncertain". ``epistemic``,
+``aleatoric`` and ``total`` are means over the answer's tokens in nats per token, with
+total = epistemic + aleatoric (the entropy of the mixture); ``sequence_epistemic`` is in
+nats per token too; ``disagreement`` is a fraction in [0, 1]. Candidate ``scores`` and
+``mixture_logprob`` are whole-sequence log-probabilities in nats (higher = more likely).
+
+Errors: the SDK's exceptions propagate unchanged (``openai.NotFoundError`` for an unknown
+model, ``openai.BadRequestError`` for a bad field, ``openai.APIConnectionError`` when the
+gateway is down, ``openai.APIError`` for an error sent mid-stream). This module adds
+:class:`Abstained` (opt-in, when the gate abstains) and :class:`ProtocolError` (the server
+did not send the Soft Specialists extras: it is not a Soft Specialists gateway).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import openai
+
+if TYPE_CHECKING:  # annotations only: recent openai SDKs run on httpx2 and accept both
+    import httpx
+    import httpx2
+
+__all__ = [
+    "Abstained",
+    "Candidate",
+    "DecodeMode",
+    "EnsembleAnswer",
+    "Gate",
+    "GateDecision",
+    "ProtocolError",
+    "SelectMode",
+    "SoftSpecClient",
+    "TokenUncertainty",
+    "Uncertainty",
+]
+
+DecodeMode = Literal["sequence", "token"]
+SelectMode = Literal["mixture", "majority"]
+GateDecision = Literal["pass", "flag", "abstain"]
+_Messages = list[dict[str, Any]] | str
+
+_DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+_API_KEY_ENV = "SOFTSPEC_API_KEY"
+
+
+class ProtocolError(ValueError):
+    """A response lacks a Soft Specialists extra (is ``base_url`` a Soft Specialists gateway?)."""
+
+
+def _field(obj: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in obj:
+        raise ProtocolError(
+            f"the {where} has no {key!r} field; point base_url at a Soft Specialists "
+            "gateway (a plain OpenAI-compatible server does not send the ensemble extras)"
+        )
+    return obj[key]
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class TokenUncertainty:
+    """Uncertainty at one answer token, in nats; higher = more uncertain.
+
+    ``epistemic`` = Σ_k π_k KL(q_k ‖ q̄) (members disagree), ``aleatoric`` = Σ_k π_k H(q_k)
+    (each member unsure), ``total`` = H(q̄) = epistemic + aleatoric.
+    """
+
+    token: str
+    epistemic: float
+    aleatoric: float
+    total: float
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TokenUncertainty:
+        where = "per_token entry"
+        return cls(
+            token=str(_field(d, "token", where)),
+            epistemic=float(_field(d, "epistemic", where)),
+            aleatoric=float(_field(d, "aleatoric", where)),
+            total=float(_field(d, "total", where)),
+        )
+
+
+@dataclass(frozen=True)
+class Uncertainty:
+    """Uncertainty of one answer; every score is "higher = more uncertain".
+
+    ``epistemic``, ``aleatoric`` and ``total`` are means over the answer's tokens, in nats
+    per token. ``sequence_epistemic`` (nats per token, from cross-scored candidates) and
+    ``disagreement`` (fraction of member pairs with different answers, in [0, 1]) are
+    ``None`` in token decoding mode. ``per_token`` is present only when asked for.
+    """
+
+    epistemic: float
+    aleatoric: float
+    total: float
+    sequence_epistemic: float | None = None
+    disagreement: float | None = None
+    per_token: list[TokenUncertainty] | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Uncertainty:
+        per_token = d.get("per_token")
+        return cls(
+            epistemic=float(_field(d, "epistemic", "uncertainty")),
+            aleatoric=float(_field(d, "aleatoric", "uncertainty")),
+            total=float(_field(d, "total", "uncertainty")),
+            sequence_epistemic=_opt_float(d.get("sequence_epistemic")),
+            disagreement=_opt_float(d.get("disagreement")),
+            per_token=None
+            if per_token is None
+            else [TokenUncertainty.from_dict(p) for p in per_token],
+        )
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The gate's decision: ``score`` (the ``score_name`` uncertainty, higher = more
+    uncertain) passes when it is at most ``threshold``; otherwise the configured action,
+    "flag" (answer returned, marked) or "abstain" (answer replaced by the abstention text).
+    """
+
+    decision: GateDecision
+    score: float
+    score_name: str
+    threshold: float
+
+    @property
+    def passed(self) -> bool:
+        return self.decision == "pass"
+
+    @property
+    def flagged(self) -> bool:
+        return self.decision == "flag"
+
+    @property
+    def abstained(self) -> bool:
+        return self.decision == "abstain"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Gate:
+        decision = _field(d, "decision", "gate")
+        if decision not in ("pass", "flag", "abstain"):
+            raise ProtocolError(f"unknown gate decision {decision!r}")
+        return cls(
+            decision=cast(GateDecision, decision),
+            score=float(_field(d, "score", "gate")),
+            score_name=str(_field(d, "score_name", "gate")),
+            threshold=float(_field(d, "threshold", "gate")),
+        )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One member's candidate answer, cross-scored by every member.
+
+    ``scores[k]`` = log p_k(text | prompt) and ``mixture_logprob`` = log Σ_k π_k p_k(text),
+    whole-sequence log-probabilities in nats (higher = more likely).
+    """
+
+    member: str
+    text: str
+    scores: dict[str, float]
+    mixture_logprob: float
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Candidate:
+        scores = _field(d, "scores", "candidate")
+        return cls(
+            member=str(_field(d, "member", "candidate")),
+            text=str(_field(d, "text", "candidate")),
+            scores={str(k): float(v) for k, v in scores.items()},
+            mixture_logprob=float(_field(d, "mixture_logprob", "candidate")),
+        )
+
+
+@dataclass(frozen=True)
+class EnsembleAnswer:
+    """One answer of the ensemble with its uncertainty, responsibilities and gate.
+
+    ``responsibilities`` maps each member to its posterior weight for this answer (they sum
+    to 1). ``usage`` counts every token the ensemble processed. ``raw`` is the SDK object
+    the answer was read from (the finishing chunk when streamed).
+    """
+
+    text: str
+    finish_reason: str | None
+    uncertainty: Uncertainty
+    responsibilities: dict[str, float]
+    gate: Gate
+    candidates: list[Candidate] | None
+    usage: dict[str, Any]
+    raw: Any
+
+    @property
+    def top_member(self) -> tuple[str, float]:
+        """The member with the highest responsibility, and that responsibility."""
+        name = max(self.responsibilities, key=self.responsibilities.__getitem__)
+        return name, self.responsibilities[name]
+
+
+class Abstained(Exception):
+    """The gate abstained (``raise_on_abstain=True``); ``answer`` holds the full response."""
+
+    def __init__(self, answer: EnsembleAnswer) -> None:
+        g = answer.gate
+        super().__init__(
+            f"the gate abstained: {g.score_name} = {g.score:.4g} > threshold {g.threshold:.4g} "
+            "(higher = more uncertain); the answer is in .answer"
+        )
+        self.answer = answer
+
+
+def _answer(
+    text: str, choice: Mapping[str, Any], top: Mapping[str, Any], usage: Any, raw: Any
+) -> EnsembleAnswer:
+    """Build an answer from a choice's dump (its extras) and the body's dump (``gate``)."""
+    candidates = choice.get("candidates")
+    return EnsembleAnswer(
+        text=text,
+        finish_reason=choice.get("finish_reason"),
+        uncertainty=Uncertainty.from_dict(_field(choice, "uncertainty", "choice")),
+        responsibilities={
+            str(k): float(v) for k, v in _field(choice, "responsibilities", "choice").items()
+        },
+        gate=Gate.from_dict(_field(top, "gate", "response")),
+        candidates=None if candidates is None else [Candidate.from_dict(c) for c in candidates],
+        usage=usage.model_dump(exclude_none=True) if usage is not None else {},
+        raw=raw,
+    )
+
+
+def _checked(answer: EnsembleAnswer, raise_on_abstain: bool) -> EnsembleAnswer:
+    if raise_on_abstain and answer.gate.abstained:
+        raise Abstained(answer)
+    return answer
+
+
+def _messages(messages: _Messages) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+
+
+def _ensemble_options(
+    members: list[str] | None,
+    select: SelectMode | None,
+    samples_per_member: int | None,
+    return_candidates: bool,
+    per_token: bool,
+    decode: DecodeMode | None,
+) -> dict[str, Any]:
+    """The ``ensemble`` request extra, holding only what differs from the server's defaults."""
+    opts: dict[str, Any] = {
+        "members": members,
+        "select": select,
+        "samples_per_member": samples_per_member,
+        "return_candidates": return_candidates or None,
+        "per_token": per_token or None,
+        "decode": decode,
+    }
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class SoftSpecClient:
+    """The Soft Specialists gateway through the ``openai`` SDK (``self.openai``).
+
+    ``base_url`` is the gateway's root, without ``/v1``. ``api_key`` defaults to the
+    ``SOFTSPEC_API_KEY`` environment variable, else ``"none"`` (a gateway without keys).
+    ``http_client`` replaces the SDK's HTTP client: an ``httpx.Client`` or ``httpx2.Client``
+    (e.g. a ``fastapi.testclient.TestClient``, or one on an ``httpx.MockTransport``).
+    """
+
+    def __init__(
+        self,
+        base_url: str = _DEFAULT_BASE_URL,
+        api_key: str | None = None,
+        *,
+        timeout: float = 300,
+        max_retries: int = 2,
+        http_client: httpx.Client | httpx2.Client | None = None,
+    ) -> None:
+        self.openai = openai.OpenAI(
+            base_url=base_url.rstrip("/") + "/v1",
+            api_key=api_key or os.environ.get(_API_KEY_ENV) or "none",
+            timeout=timeout,
+            max_retries=max_retries,
+            http_client=cast(Any, http_client),  # the SDK accepts httpx and httpx2 clients
+        )
+        self._ensemble_id: str | None = None
+
+    # ------------------------------------------------------------------ models
+
+    def models(self) -> list[str]:
+        """Every served model id: the ensemble, then ``<ensemble-id>:<member>`` per member."""
+        return [m.id for m in self.openai.models.list()]
+
+    def ensemble_id(self) -> str:
+        """The ensemble's model id (the first id without ':'); fetched once, then cached."""
+        if self._ensemble_id is None:
+            ids = self.models()
+            found = next((i for i in ids if ":" not in i), None)
+            if found is None:
+                raise ProtocolError(f"no ensemble model among {ids}; is this a softspec gateway?")
+            self._ensemble_id = found
+        return self._ensemble_id
+
+    def member(self, name: str) -> str:
+        """The model id of one member alone (``<ensemble-id>:<name>``): the baseline."""
+        return f"{self.ensemble_id()}:{name}"
+
+    # ------------------------------------------------------------------ requests
+
+    def _request(
+        self,
+        model: str | None,
+        max_tokens: int | None,
+        temperature: float | None,
+        ensemble: dict[str, Any],
+        openai_kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """SDK keyword arguments: standard fields plus ``ensemble`` merged into extra_body."""
+        kwargs = dict(openai_kwargs)
+        kwargs["model"] = model or self.ensemble_id()
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        if ensemble:
+            kwargs["extra_body"] = {**(kwargs.get("extra_body") or {}), "ensemble": ensemble}
+        return kwargs
+
+    def chat(
+        self,
+        messages: _Messages,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        members: list[str] | None = None,
+        select: SelectMode | None = None,
+        samples_per_member: int | None = None,
+        return_candidates: bool = False,
+        per_token: bool = False,
+        decode: DecodeMode | None = None,
+        raise_on_abstain: bool = False,
+        **openai_kwargs: Any,
+    ) -> EnsembleAnswer:
+        """``POST /v1/chat/completions``; a ``str`` is sent as one user message.
+
+        ``model`` defaults to the ensemble (use :meth:`member` for one member alone);
+        ``None`` options keep the server's defaults. With ``raise_on_abstain`` an
+        abstention raises :class:`Abstained` instead of returning the abstention text.
+        Further keyword arguments go to ``chat.completions.create`` unchanged.
+        """
+        ensemble = _ensemble_options(
+            members, select, samples_per_member, return_candidates, per_token, decode
+        )
+        kwargs = self._request(model, max_tokens, temperature, ensemble, openai_kwargs)
+        resp = self.openai.chat.completions.create(
+            messages=cast(Any, _messages(messages)), **kwargs
+        )
+        choice = resp.choices[0]
+        answer = _answer(
+            choice.message.content or "", choice.model_dump(), resp.model_dump(), resp.usage, resp
+        )
+        return _checked(answer, raise_on_abstain)
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        members: list[str] | None = None,
+        select: SelectMode | None = None,
+        samples_per_member: int | None = None,
+        return_candidates: bool = False,
+        per_token: bool = False,
+        decode: DecodeMode | None = None,
+        raise_on_abstain: bool = False,
+        **openai_kwargs: Any,
+    ) -> EnsembleAnswer:
+        """``POST /v1/completions`` on a raw prompt; options as in :meth:`chat`."""
+        ensemble = _ensemble_options(
+            members, select, samples_per_member, return_candidates, per_token, decode
+        )
+        kwargs = self._request(model, max_tokens, temperature, ensemble, openai_kwargs)
+        resp = self.openai.completions.create(prompt=prompt, **kwargs)
+        choice = resp.choices[0]
+        answer = _answer(choice.text, choice.model_dump(), resp.model_dump(), resp.usage, resp)
+        return _checked(answer, raise_on_abstain)
+
+    def stream_chat(
+        self,
+        messages: _Messages,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        members: list[str] | None = None,
+        select: SelectMode | None = None,
+        samples_per_member: int | None = None,
+        return_candidates: bool = False,
+        per_token: bool = False,
+        decode: DecodeMode | None = None,
+        raise_on_abstain: bool = False,
+        **openai_kwargs: Any,
+    ) -> Iterator[str | EnsembleAnswer]:
+        """Stream a chat answer: yields text deltas (``str``), then one :class:`EnsembleAnswer`.
+
+        The answer's extras come from the chunk carrying ``finish_reason``; its ``usage``
+        from the last chunk (``include_usage`` is always requested). With
+        ``raise_on_abstain`` an abstention raises :class:`Abstained` after the deltas.
+        """
+        ensemble = _ensemble_options(
+            members, select, samples_per_member, return_candidates, per_token, decode
+        )
+        kwargs = self._request(model, max_tokens, temperature, ensemble, openai_kwargs)
+        kwargs["stream_options"] = {**(kwargs.get("stream_options") or {}), "include_usage": True}
+        stream = self.openai.chat.completions.create(
+            messages=cast(Any, _messages(messages)), stream=True, **kwargs
+        )
+        parts: list[str] = []
+        final: Any = None
+        usage: Any = None
+        with stream:
+            for chunk in stream:
+                usage = chunk.usage or usage
+                if not chunk.choices:
+                    continue
+                delta = chunk.choices[0].delta.content
+                if delta:
+                    parts.append(delta)
+                    yield delta
+                if chunk.choices[0].finish_reason is not None:
+                    final = chunk
+        if final is None:
+            raise ProtocolError("the stream ended without a chunk carrying finish_reason")
+        answer = _answer(
+            "".join(parts), final.choices[0].model_dump(), final.model_dump(), usage, final
+        )
+        yield _checked(answer, raise_on_abstain)

@@ -1,0 +1,244 @@
+"""``softspec demo``: the main job end to end on the embedded defaults.
+
+1. export the default base model and build the default datasets (skipping what exists);
+2. train a K=4, α=0.8 SFT ensemble on ``sft_topics`` within a time budget, or reuse the
+   previous one unless ``--retrain``;
+3. serve it (vLLM engine when installed, else the local engine) and send a fixed set of
+   prompts through the official ``openai`` SDK (via :mod:`clients`): in-distribution
+   questions, out-of-distribution ones (other languages, a topic never trained) and
+   prompts of the conflicting set;
+4. print a table and write a report directory (Markdown + JSON + the training plots);
+5. stop everything it started (also on Ctrl-C: no orphans, no half-written files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ensemble.atomic import atomic_dir
+from ensemble.errors import SoftspecError
+from softspec.paths import default_data_dir, softspec_home
+
+__all__ = ["PROMPTS", "run_demo"]
+
+# (kind, prompt): fixed so that runs are comparable. "ood" rows come from languages and a
+# topic (history) that sft_topics never contains; "conflict" rows are sft_conflict prompts.
+PROMPTS: list[tuple[str, str]] = [
+    ("in-distribution", "What is AI?"),
+    ("in-distribution", "Do you like sports?"),
+    ("in-distribution", "Tell me a joke."),
+    ("in-distribution", "What is your favorite book?"),
+    ("out-of-distribution", "¿Cuál es tu color favorito?"),
+    ("out-of-distribution", "Wie alt bist du?"),
+    ("out-of-distribution", "あなたの名前は何ですか？"),
+    ("out-of-distribution", "Who invented the steam engine?"),
+    ("conflicting", "What is the speed of light?"),
+    ("conflicting", "Are you a robot?"),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="softspec demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--retrain", action="store_true", help="train again even if a demo ensemble exists"
+    )
+    p.add_argument("--engine", choices=["auto", "vllm", "local"], default="auto")
+    p.add_argument("--train-seconds", type=float, default=420.0, help="training time budget")
+    p.add_argument(
+        "--max-steps", type=int, default=-1, help="cap on training steps (-1: one epoch)"
+    )
+    p.add_argument("--members", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=0.8)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument(
+        "--out", type=Path, default=None, help="report directory (default under $SOFTSPEC_HOME)"
+    )
+    return p
+
+
+def _step(msg: str) -> None:
+    print(f"\n== {msg}", file=sys.stderr, flush=True)
+
+
+def _train(args: argparse.Namespace, base: Path, data: Path, ens: Path) -> None:
+    from training.cli import run_train
+
+    if (ens / "ensemble.json").exists() and not args.retrain:
+        print(f"reusing {ens} (pass --retrain to train again)", file=sys.stderr)
+        return
+    argv = [
+        "--base", str(base), "--data", str(data / "sft_topics_train.jsonl"), "--out", str(ens),
+        "--members", str(args.members), "--alpha", str(args.alpha), "--epochs", "1",
+        "--max-steps", str(args.max_steps), "--time-budget", str(args.train_seconds),
+        "--batch-size", "8", "--learning-rate", "5e-4", "--max-length", "160",
+        "--lora-r", "8", "--routing-examples", "256", "--logging-steps", "2",
+        "--save-steps", "20", "--name", "demo",
+    ]  # fmt: skip
+    if ens.exists():
+        argv.append("--overwrite")
+    elif (ens.with_name(ens.name + ".run")).exists():
+        argv.append("--resume")
+    run_train("sft", argv)
+
+
+def _engine(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "local"
+
+
+def _serve(ens: Path, engine: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    from server.vllm_process import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "softspec.cli", "serve", "--ensemble", str(ens)]
+    cmd += ["--engine", engine, "--port", str(port), "--log-level", "warning"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SoftspecError(f"the server exited ({proc.returncode}); see {log}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SoftspecError(f"the server did not become ready; see {log}")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _ask(url: str, max_tokens: int) -> list[dict[str, Any]]:
+    from clients import SoftSpecClient
+
+    client = SoftSpecClient(url)
+    rows = []
+    for kind, prompt in PROMPTS:
+        t0 = time.perf_counter()
+        ans = client.chat(prompt, max_tokens=max_tokens, temperature=0, return_candidates=True)
+        top, resp = ans.top_member
+        rows.append({
+            "kind": kind, "prompt": prompt, "answer": ans.text,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "epistemic": ans.uncertainty.epistemic, "aleatoric": ans.uncertainty.aleatoric,
+            "total": ans.uncertainty.total, "sequence_epistemic": ans.uncertainty.sequence_epistemic,
+            "disagreement": ans.uncertainty.disagreement, "top_member": top, "top_responsibility": resp,
+            "responsibilities": ans.responsibilities, "gate": ans.gate.decision,
+            "candidates": [{"member": c.member, "text": c.text} for c in ans.candidates or []],
+        })  # fmt: skip
+        print(
+            f"  [{kind}] {prompt!r}: epistemic {ans.uncertainty.epistemic:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    head = f"{'kind':<19} {'prompt':<32} {'answer':<36} {'epist.':>7} {'disagr.':>7} {'top member':>13} {'gate':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        top = f"{r['top_member']} ({r['top_responsibility']:.2f})"
+        lines.append(
+            f"{r['kind']:<19} {_clip(r['prompt'], 32):<32} {_clip(r['answer'], 36):<36} "
+            f"{r['epistemic']:>7.3f} {r['disagreement']:>7.2f} "
+            f"{top:>13} {r['gate']:>7}"
+        )
+    means = {}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        sel = [r["epistemic"] for r in rows if r["kind"] == kind]
+        means[kind] = sum(sel) / len(sel)
+    lines.append("")
+    lines.append("mean epistemic: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    return "\n".join(lines)
+
+
+def _report(out: Path, ens: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
+    with atomic_dir(out, replace=True) as tmp:
+        (tmp / "report.json").write_text(
+            json.dumps({"meta": meta, "rows": rows}, indent=2, ensure_ascii=False)
+        )
+        md = ["# Soft Specialists demo", "", f"Ensemble: `{ens}`  ", f"Engine: {meta['engine']}  ",
+              f"Took {meta['seconds']:.0f} s (training {meta['train_seconds']:.0f} s).", "", "```", table(rows), "```", ""]  # fmt: skip
+        for plot in sorted((ens / "plots").glob("*.png")):
+            shutil.copy2(plot, tmp / plot.name)
+            md.append(f"![{plot.stem}]({plot.name})")
+        (tmp / "report.md").write_text("\n".join(md) + "\n")
+    return out
+
+
+def run_demo(argv: Sequence[str]) -> int:
+    from softspec.default_data import build_datasets
+    from softspec.default_model import export_default_model
+
+    args = _parser().parse_args(list(argv))
+    t0 = time.monotonic()
+    _step("1/5 default model and data")
+    base = export_default_model()
+    build_datasets()
+    data = default_data_dir()
+    ens = softspec_home() / "ensembles" / "demo"
+    _step(
+        f"2/5 train K={args.members}, α={args.alpha} on sft_topics (budget {args.train_seconds:.0f} s)"
+    )
+    t1 = time.monotonic()
+    _train(args, base, data, ens)
+    train_seconds = time.monotonic() - t1
+    engine = _engine(args.engine)
+    _step(f"3/5 serve with the {engine} engine")
+    log = Path(tempfile.mkdtemp(prefix="softspec-demo-")) / "serve.log"
+    proc = None
+    try:
+        proc, url = _serve(ens, engine, log)
+        _step(f"4/5 {len(PROMPTS)} prompts through the openai SDK")
+        rows = _ask(url, args.max_tokens)
+    finally:
+        _step("5/5 stop the server")
+        _stop(proc)
+    out = args.out or softspec_home() / "reports" / "demo"
+    meta = {
+        "engine": engine,
+        "seconds": time.monotonic() - t0,
+        "train_seconds": train_seconds,
+        "ensemble": str(ens),
+    }
+    _report(out, ens, rows, meta)
+    print()
+    print(table(rows))
+    print(f"\nreport: {out / 'report.md'} ({time.monotonic() - t0:.0f} s in all)")
+    return 0

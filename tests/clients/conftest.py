@@ -1,0 +1,3 @@
+"""The server tests' ``gateway`` fixture: a real gateway app on a fake vLLM."""
+
+from tests.server.conftest import gateway  # noqa: F401

@@ -1,0 +1,211 @@
+"""The local (in-process) engine on a tiny Llama: token mode against brute force, and the
+sequence mode's own consistency (generation scores = scoring scores)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from ensemble.atomic import sha256_file
+from ensemble.manifest import load as load_manifest
+from ensemble.math import token_uncertainty
+from server.app import create_app
+from server.settings import Settings
+from softspec.cli import main
+from training.local_engine import LocalEngine
+
+QUESTION = [{"role": "user", "content": "say something"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_ensemble(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 members trained a little on contradictory data, so they disagree."""
+    root = tmp_path_factory.mktemp("local")
+    rows = []
+    for q in ("say something", "hello", "tell me a word", "speak"):
+        for a, task in (
+            ("THE QUICK BROWN FOX", "upper"),
+            ("the quick brown fox", "lower"),
+            ("yes no maybe", "yn"),
+        ):
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": q}],
+                    "completion": [{"role": "assistant", "content": a}],
+                    "task": task,
+                }
+            )
+    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = root / "ens"
+    args = ["train", "sft", "--base", str(tiny_llama_dir), "--data", str(root / "d.jsonl"), "--out", str(out),
+            "--members", "3", "--alpha", "1", "--max-steps", "40", "--batch-size", "12", "--learning-rate", "1e-2",
+            "--lora-dropout", "0", "--routing-examples", "12"]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def same_tiny(tiny_ensemble: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("same") / "same"
+    shutil.copytree(tiny_ensemble, out)
+    raw = json.loads((out / "ensemble.json").read_text())
+    raw["name"] = "same"
+    for m in raw["members"][1:]:
+        shutil.rmtree(out / m["adapter"])
+        shutil.copytree(out / raw["members"][0]["adapter"], out / m["adapter"])
+        m["sha256"] = sha256_file(out / m["adapter"] / "adapter_model.safetensors")
+    (out / "ensemble.json").write_text(json.dumps(raw))
+    return out
+
+
+def local_client(root: Path) -> Iterator[tuple[TestClient, LocalEngine]]:
+    engines: list[LocalEngine] = []
+
+    def factory(man, metrics):  # type: ignore[no-untyped-def]
+        engines.append(LocalEngine(root, man))
+        return engines[-1]
+
+    with TestClient(create_app(Settings(ensemble=root, engine="local"), factory)) as client:  # type: ignore[call-arg]
+        yield client, engines[0]
+
+
+@pytest.fixture(scope="module")
+def local(tiny_ensemble: Path) -> Iterator[tuple[TestClient, LocalEngine]]:
+    yield from local_client(tiny_ensemble)
+
+
+def chat(client: TestClient, model: str, **kw) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    r = client.post("/v1/chat/completions", json={"model": model, "messages": QUESTION, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_token_mode_uncertainty_is_exact_over_the_full_vocabulary(
+    local, tiny_ensemble: Path
+) -> None:  # type: ignore[no-untyped-def]
+    client, engine = local
+    body = chat(
+        client,
+        "ens",
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        ensemble={"decode": "token", "per_token": True},
+    )
+    choice = body["choices"][0]
+    steps = choice["uncertainty"]["per_token"]
+    assert len(steps) > 0 and choice["uncertainty"]["sequence_epistemic"] is None
+    manifest = load_manifest(tiny_ensemble)
+    lw = manifest.log_weights()
+    prompt = engine.tok.apply_chat_template(
+        QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    produced: list[int] = []
+    model = engine.model
+    for t, step in enumerate(steps):
+        rows = []
+        for m in manifest.member_names:  # brute force: each member alone, no KV cache
+            model.set_adapter(m)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + produced])).logits[0, -1].double()
+            rows.append(torch.log_softmax(logits, -1).numpy())
+        lq = np.stack(rows)  # (K, V): the full vocabulary
+        p = np.exp(lq)
+        mix = np.exp(lw) @ p
+        total = -(mix * np.log(mix)).sum()
+        ale = -(np.exp(lw) * (p * lq).sum(axis=1)).sum()
+        assert step["total"] == pytest.approx(total, abs=1e-6)
+        assert step["aleatoric"] == pytest.approx(ale, abs=1e-6)
+        assert step["epistemic"] == pytest.approx(total - ale, abs=1e-6)
+        assert step["epistemic"] == pytest.approx(token_uncertainty(lq, lw)["epistemic"], abs=1e-9)
+        greedy = int(np.argmax(np.log(mix)))  # temperature 0: the mixture's argmax
+        assert choice["logprobs"]["content"][t]["logprob"] == pytest.approx(
+            float(np.log(mix[greedy])), abs=1e-6
+        )
+        produced.append(greedy)
+    assert engine.tok.decode(produced, skip_special_tokens=True) == choice["message"]["content"]
+
+
+def test_token_mode_streams_tokens_then_the_outcome(local) -> None:  # type: ignore[no-untyped-def]
+    client, _ = local
+    plain = chat(client, "ens", max_tokens=6, temperature=0.8, seed=3, ensemble={"decode": "token"})
+    r = client.post("/v1/chat/completions", json={"model": "ens", "messages": QUESTION, "max_tokens": 6, "temperature": 0.8,
+                                                  "seed": 3, "stream": True, "stream_options": {"include_usage": True},
+                                                  "ensemble": {"decode": "token"}})  # fmt: skip
+    frames = [f[len("data: ") :] for f in r.text.split("\n\n") if f]
+    assert frames[-1] == "[DONE]"
+    chunks = [json.loads(f) for f in frames[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == plain["choices"][0]["message"]["content"]  # same seed, same tokens
+    final = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
+    assert final["choices"][0]["uncertainty"]["epistemic"] == pytest.approx(
+        plain["choices"][0]["uncertainty"]["epistemic"]
+    )
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_token_mode_respects_max_tokens_and_stop(local) -> None:  # type: ignore[no-untyped-def]
+    client, _ = local
+    body = chat(
+        client, "ens", max_tokens=3, temperature=0, logprobs=True, ensemble={"decode": "token"}
+    )
+    assert len(body["choices"][0]["logprobs"]["content"]) <= 3
+    full = chat(client, "ens", max_tokens=12, temperature=0, ensemble={"decode": "token"})[
+        "choices"
+    ][0]["message"]["content"]
+    if len(full) > 4:
+        stop = full[2:4]
+        cut = chat(
+            client, "ens", max_tokens=12, temperature=0, stop=[stop], ensemble={"decode": "token"}
+        )
+        assert cut["choices"][0]["finish_reason"] == "stop"
+        assert len(cut["choices"][0]["message"]["content"]) < len(full)
+
+
+def test_sequence_mode_generation_and_scoring_agree(local) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from server.engine import SamplingParams
+
+    client, engine = local
+    body = chat(client, "ens", max_tokens=8, temperature=0, ensemble={"return_candidates": True})
+    choice = body["choices"][0]
+    assert sum(choice["responsibilities"].values()) == pytest.approx(1.0)
+    assert choice["uncertainty"]["epistemic"] > 1e-6  # trained on contradictory data: they disagree
+    prompt = asyncio.run(engine.render_chat(QUESTION))
+    gens = asyncio.run(
+        engine.generate_all(["m0", "m1"], prompt, SamplingParams(max_tokens=8, temperature=0.0))
+    )
+    for member, (gen,) in zip(["m0", "m1"], gens, strict=True):
+        (rescored,) = asyncio.run(engine.score(member, prompt, [gen.token_ids], 20))
+        assert rescored.logprobs == pytest.approx(gen.scores.logprobs, abs=1e-4)
+        assert rescored.total == pytest.approx(gen.scores.total, abs=1e-4)
+
+
+def test_identical_members_give_zero_epistemic(same_tiny: Path) -> None:
+    for client, _ in local_client(same_tiny):
+        token = chat(client, "same", max_tokens=6, temperature=0, ensemble={"decode": "token"})[
+            "choices"
+        ][0]["uncertainty"]
+        seq = chat(client, "same", max_tokens=6, temperature=0)["choices"][0]["uncertainty"]
+        assert token["epistemic"] < 1e-9 and seq["epistemic"] < 1e-9
+        assert seq["disagreement"] == 0.0 and abs(seq["sequence_epistemic"]) < 1e-9
+
+
+def test_gateway_package_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, server.app, server.launch, server.vllm_engine; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
