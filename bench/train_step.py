@@ -36,7 +36,9 @@ def make_batch(tokenizer: Any, batch_size: int, max_length: int) -> dict[str, An
     from training.trainer import collate
 
     build_datasets()
-    examples = load_sft(default_data_dir() / "sft_topics_train.jsonl", tokenizer, max_length)
+    examples = load_sft(
+        default_data_dir() / "sft_topics_train.jsonl", tokenizer, max_length, drop_overlong=True
+    )
     examples = sorted(examples, key=lambda e: -len(e.input_ids))[:batch_size]  # a full batch
     rows = [
         {"input_ids": e.input_ids, "labels": e.labels, "idx": i} for i, e in enumerate(examples)

@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ensemble.atomic import atomic_dir
-from ensemble.errors import SoftspecError
 from softspec.paths import default_data_dir, softspec_home
+from softspec.serving import start_server, stop_server
 
 __all__ = ["PROMPTS", "run_demo"]
 
@@ -86,7 +83,7 @@ def _train(args: argparse.Namespace, base: Path, data: Path, ens: Path) -> None:
         "--base", str(base), "--data", str(data / "sft_topics_train.jsonl"), "--out", str(ens),
         "--members", str(args.members), "--alpha", str(args.alpha), "--epochs", "1",
         "--max-steps", str(args.max_steps), "--time-budget", str(args.train_seconds),
-        "--batch-size", "8", "--learning-rate", "5e-4", "--max-length", "160",
+        "--batch-size", "4", "--learning-rate", "5e-4", "--max-length", "128", "--drop-overlong", "--group-by-length",
         "--lora-r", "8", "--routing-examples", "256", "--logging-steps", "2",
         "--save-steps", "20", "--name", "demo",
     ]  # fmt: skip
@@ -101,41 +98,6 @@ def _engine(choice: str) -> str:
     if choice != "auto":
         return choice
     return "vllm" if importlib.util.find_spec("vllm") is not None else "local"
-
-
-def _serve(ens: Path, engine: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    from server.vllm_process import free_port
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "softspec.cli", "serve", "--ensemble", str(ens)]
-    cmd += ["--engine", engine, "--port", str(port), "--log-level", "warning"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SoftspecError(f"the server exited ({proc.returncode}); see {log}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SoftspecError(f"the server did not become ready; see {log}")
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 def _ask(url: str, max_tokens: int) -> list[dict[str, Any]]:
@@ -224,12 +186,12 @@ def run_demo(argv: Sequence[str]) -> int:
     log = Path(tempfile.mkdtemp(prefix="softspec-demo-")) / "serve.log"
     proc = None
     try:
-        proc, url = _serve(ens, engine, log)
+        proc, url = start_server(ens, engine, log)
         _step(f"4/5 {len(PROMPTS)} prompts through the openai SDK")
         rows = _ask(url, args.max_tokens)
     finally:
         _step("5/5 stop the server")
-        _stop(proc)
+        stop_server(proc)
     out = args.out or softspec_home() / "reports" / "demo"
     meta = {
         "engine": engine,

@@ -62,6 +62,10 @@ class TrainConfig:
         "clip the global gradient norm (0 = off; clipping couples members)", default=0.0
     )
     max_length: int = _help("maximum tokens per example (prompt + completion)", default=512)
+    drop_overlong: bool = _help(
+        "drop examples whose completion starts beyond --max-length (default: an error)",
+        default=False,
+    )
     lora_r: int = _help("LoRA rank r", default=8)
     lora_alpha: int = _help("LoRA scaling α (not the Rényi α)", default=16)
     lora_dropout: float = _help("LoRA dropout", default=0.05)
@@ -75,6 +79,9 @@ class TrainConfig:
         "compute responsibilities from per-token log-likelihoods (α acts per token), "
         "not whole-sequence ones",
         default=False,
+    )
+    group_by_length: bool = _help(
+        "batch examples of similar length together (less padding; SFT only)", default=False
     )
     gradient_checkpointing: bool = _help(
         "recompute activations in the backward pass (K× less activation memory)", default=False

@@ -20,6 +20,7 @@ file, the line and the field, raised before training starts.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,12 @@ from typing import Any
 
 from ensemble.errors import DataError
 
+log = logging.getLogger("softspec.training")
+
 __all__ = [
     "IGNORE",
     "DPOExample",
+    "OverlongError",
     "SFTExample",
     "group_of",
     "load_dpo",
@@ -38,6 +42,7 @@ __all__ = [
 ]
 
 IGNORE = -100  # label of tokens that are not learned (transformers' convention)
+PREFERENCE_KEYS = ("source", "task")  # DPO routing groups: who preferred (witty / upbeat)
 ROLES = {"system", "user", "assistant"}
 
 
@@ -86,9 +91,9 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def group_of(row: dict[str, Any]) -> str:
+def group_of(row: dict[str, Any], keys: Sequence[str] = ("task", "source")) -> str:
     """The routing-statistics group of a row: its ``task``, else its ``source``, else ''."""
-    for key in ("task", "source"):
+    for key in keys:
         value = row.get(key)
         if isinstance(value, str) and value:
             return value
@@ -197,18 +202,35 @@ class _Encoder:
     ) -> tuple[list[int], list[int]]:
         ids, labels = ids[: self.max_length], labels[: self.max_length]
         if all(t == IGNORE for t in labels):
-            raise DataError(
+            raise OverlongError(
                 f"{where}: no completion tokens left after truncation to --max-length "
-                f"{self.max_length}; raise --max-length or shorten the prompt"
+                f"{self.max_length}; raise --max-length, shorten the prompt or pass --drop-overlong"
             )
         return ids, labels
 
 
-def load_sft(path: str | Path, tokenizer: Any, max_length: int) -> list[SFTExample]:
+class OverlongError(DataError):
+    """An example whose completion starts beyond --max-length tokens."""
+
+
+def _report_dropped(path: Path, dropped: int, max_length: int) -> None:
+    if dropped:
+        log.warning(
+            "%s: dropped %d examples whose completion starts beyond --max-length %d",
+            path,
+            dropped,
+            max_length,
+        )
+
+
+def load_sft(
+    path: str | Path, tokenizer: Any, max_length: int, drop_overlong: bool = False
+) -> list[SFTExample]:
     """Read, validate and tokenize an SFT file (see the module docstring for formats)."""
     path = Path(path)
     enc = _Encoder(tokenizer, max_length)
     out: list[SFTExample] = []
+    dropped = 0
     for row in read_rows(path):
         where = _where(path, row)
         if "messages" in row:
@@ -222,16 +244,28 @@ def load_sft(path: str | Path, tokenizer: Any, max_length: int) -> list[SFTExamp
                 f"{where}: an SFT row needs 'prompt' and 'completion', or 'messages' "
                 f"(found keys {sorted(k for k in row if k != '_line')})"
             )
-        ids, labels = enc.truncate(ids, labels, where)
+        try:
+            ids, labels = enc.truncate(ids, labels, where)
+        except OverlongError:
+            if not drop_overlong:
+                raise
+            dropped += 1
+            continue
         out.append(SFTExample(ids, labels, group_of(row)))
+    _report_dropped(path, dropped, max_length)
+    if not out:
+        raise DataError(f"{path}: every example is longer than --max-length {max_length}")
     return out
 
 
-def load_dpo(path: str | Path, tokenizer: Any, max_length: int) -> list[DPOExample]:
+def load_dpo(
+    path: str | Path, tokenizer: Any, max_length: int, drop_overlong: bool = False
+) -> list[DPOExample]:
     """Read, validate and tokenize a DPO file of {prompt, chosen, rejected} rows."""
     path = Path(path)
     enc = _Encoder(tokenizer, max_length)
     out: list[DPOExample] = []
+    dropped = 0
     for row in read_rows(path):
         where = _where(path, row)
         for key in ("prompt", "chosen", "rejected"):
@@ -247,11 +281,21 @@ def load_dpo(path: str | Path, tokenizer: Any, max_length: int) -> list[DPOExamp
                 f"{where}: 'chosen' and 'rejected' are identical; the pair teaches nothing"
             )
         sides = []
-        for completion in (chosen, rejected):
-            ids, labels = enc.encode(prompt, completion, where)
-            ids, labels = enc.truncate(ids, labels, where)
-            sides.append(SFTExample(ids, labels, group_of(row)))
-        out.append(DPOExample(sides[0], sides[1], group_of(row), bool(row.get("conflict", False))))
+        try:
+            for completion in (chosen, rejected):
+                ids, labels = enc.encode(prompt, completion, where)
+                ids, labels = enc.truncate(ids, labels, where)
+                sides.append(SFTExample(ids, labels, group_of(row, PREFERENCE_KEYS)))
+        except OverlongError:
+            if not drop_overlong:
+                raise
+            dropped += 1
+            continue
+        group = group_of(row, PREFERENCE_KEYS)
+        out.append(DPOExample(sides[0], sides[1], group, bool(row.get("conflict", False))))
+    _report_dropped(path, dropped, max_length)
+    if not out:
+        raise DataError(f"{path}: every pair is longer than --max-length {max_length}")
     return out
 
 

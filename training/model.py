@@ -32,6 +32,7 @@ __all__ = [
     "build_ensemble",
     "linear_module_names",
     "load_base",
+    "load_ensemble",
     "load_model",
     "load_tokenizer",
 ]
@@ -119,13 +120,70 @@ def build_ensemble(model: nn.Module, cfg: TrainConfig) -> EnsembleLM:
     return EnsembleLM(peft_model, names, torch.full((k,), -float(torch.log(torch.tensor(k)))))
 
 
+LOGIT_CHUNK = 1024  # positions per lm_head chunk: bounds the (chunk, vocab) logits in memory
+
+
+def _chunk_logprobs(h: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    logits = head(h)  # (n, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → fp32
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _target_logprobs(h: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """log p(target) at each of N positions, in chunks; with grad, each chunk is
+    recomputed in the backward pass, so only h (N, H) is kept, never the (N, V) logits."""
+    from torch.utils.checkpoint import checkpoint
+
+    parts = []
+    for start in range(0, h.shape[0], LOGIT_CHUNK):
+        hc, tc = h[start : start + LOGIT_CHUNK], targets[start : start + LOGIT_CHUNK]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            parts.append(checkpoint(_chunk_logprobs, hc, tc, head, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(hc, tc, head))
+    return torch.cat(parts) if parts else h.new_zeros(0)
+
+
+def load_ensemble(
+    root: str | Path, base: str | None = None, trainable: bool = False
+) -> tuple[EnsembleLM, Any]:
+    """An ensemble directory as an :class:`EnsembleLM` (one base, K named adapters) + tokenizer."""
+    from peft import PeftModel
+
+    from ensemble.manifest import load as load_manifest
+
+    root = Path(root)
+    manifest = load_manifest(root)
+    base_path = base or manifest.resolve_base_model(root)
+    model, tok = load_base(base_path)
+    names = manifest.member_names
+    peft_model = PeftModel.from_pretrained(
+        model,
+        str(manifest.adapter_dir(root, names[0])),
+        adapter_name=names[0],
+        is_trainable=trainable,
+    )
+    for name in names[1:]:
+        peft_model.load_adapter(
+            str(manifest.adapter_dir(root, name)), adapter_name=name, is_trainable=trainable
+        )
+    lw = torch.tensor(manifest.log_weights(), dtype=torch.float32)
+    return EnsembleLM(peft_model, names, lw, trainable=trainable), tok
+
+
 class EnsembleLM(nn.Module):
     """K LoRA members sharing one frozen base; ``forward`` gives (K, B) log-likelihoods."""
 
     log_weights: torch.Tensor  # (K,) log π (buffer: saved, broadcast by DDP)
     resp_ema: torch.Tensor  # (K,) running mean of α=1 responsibilities (learned π)
 
-    def __init__(self, peft_model: Any, members: Sequence[str], log_weights: torch.Tensor) -> None:
+    def __init__(
+        self,
+        peft_model: Any,
+        members: Sequence[str],
+        log_weights: torch.Tensor,
+        trainable: bool = True,
+    ) -> None:
         super().__init__()
         self.peft = peft_model
         self.members = list(members)
@@ -136,9 +194,10 @@ class EnsembleLM(nn.Module):
             name: [p for n, p in peft_model.named_parameters() if f".{name}." in n and "lora_" in n]
             for name in self.members
         }
+        self.trainable = trainable
         for params in self._adapter_params.values():
             for p in params:
-                p.requires_grad_(True)
+                p.requires_grad_(trainable)
 
     # ------------------------------------------------------------------ members
 
@@ -149,9 +208,13 @@ class EnsembleLM(nn.Module):
         together, so their ``requires_grad`` is restored right away.
         """
         self.peft.base_model.set_adapter(member)
+        self._restore_trainable()
+
+    def _restore_trainable(self) -> None:
+        """peft freezes inactive adapters whenever the active one changes; undo that."""
         for params in self._adapter_params.values():
             for p in params:
-                p.requires_grad_(True)
+                p.requires_grad_(self.trainable)
 
     @property
     def causal_lm(self) -> Any:
@@ -204,8 +267,7 @@ class EnsembleLM(nn.Module):
         targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
         mask = targets != IGNORE
         h = hidden[:, :-1][mask]  # (N, H) only where a label exists
-        logits = lm.get_output_embeddings()(h).float()  # (N, V)
-        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[mask][:, None]).squeeze(-1)
+        picked = _target_logprobs(h, targets[mask], lm.get_output_embeddings())  # (N,)
         out = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device)
         out[mask] = picked
         return out, mask.to(picked.dtype)
@@ -230,4 +292,6 @@ class EnsembleLM(nn.Module):
     ) -> torch.Tensor:
         """(B,) log-likelihood under the base model with all adapters disabled (no grad)."""
         with torch.no_grad(), self.peft.disable_adapter():
-            return self.sequence_logprob(input_ids, attention_mask, labels)
+            out = self.sequence_logprob(input_ids, attention_mask, labels)
+        self._restore_trainable()  # leaving disable_adapter() re-freezes inactive adapters
+        return out

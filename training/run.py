@@ -60,11 +60,19 @@ class DPOEnsembleTrainer(DPOTrainerMixin, EnsembleTrainer):
 
 def _datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any, list[str]]:
     if isinstance(cfg, DPOConfig):
-        train = load_dpo(cfg.data, tokenizer, cfg.max_length)
-        evals = load_dpo(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
+        train = load_dpo(cfg.data, tokenizer, cfg.max_length, cfg.drop_overlong)
+        evals = (
+            load_dpo(cfg.eval_data, tokenizer, cfg.max_length, cfg.drop_overlong)
+            if cfg.eval_data
+            else None
+        )
         return PairDataset(train), PairDataset(evals) if evals else None, [p.group for p in train]
-    train_sft = load_sft(cfg.data, tokenizer, cfg.max_length)
-    eval_sft = load_sft(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
+    train_sft = load_sft(cfg.data, tokenizer, cfg.max_length, cfg.drop_overlong)
+    eval_sft = (
+        load_sft(cfg.eval_data, tokenizer, cfg.max_length, cfg.drop_overlong)
+        if cfg.eval_data
+        else None
+    )
     groups = [e.group for e in train_sft]
     return ExampleDataset(train_sft), ExampleDataset(eval_sft) if eval_sft else None, groups
 
@@ -96,7 +104,10 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> TrainingA
         use_cpu=cpu,
         ddp_backend="gloo" if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=False,
-        ddp_find_unused_parameters=False,  # every member adapter is used in every step
+        ddp_find_unused_parameters=False,
+        train_sampling_strategy="group_by_length"
+        if cfg.group_by_length and not isinstance(cfg, DPOConfig)
+        else "random",  # every member adapter is used in every step
     )
 
 
@@ -135,6 +146,10 @@ def train_ensemble(cfg: TrainConfig) -> TrainResult:
     cfg.check_paths()
     _check_resume(cfg)
     state.wait_for_everyone()
+    if isinstance(cfg, DPOConfig):
+        from training.dpo import init_from_sft
+
+        init_from_sft(cfg)  # K and the LoRA shape come from the SFT ensemble
     tokenizer = load_tokenizer(cfg.base)
     train_ds, eval_ds, groups = _datasets(cfg, tokenizer)  # every row checked before loading
     ens = build_ensemble(load_model(cfg.base), cfg)
@@ -189,7 +204,7 @@ def _summary(
     device = trainer.args.device
 
     def batch_logp(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}  # no reference cache
         logp, routing = trainer.member_logp(ens, batch)
         return routing if routing is not None else logp
 

@@ -136,7 +136,11 @@ class EnsembleTrainer(Trainer):
         self, model: Any, inputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(K, B) log-likelihoods the objective mixes, and those used for routing (or None)."""
-        scores = model(**inputs)
+        scores = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            labels=inputs["labels"],
+        )
         if self.config.normalize_by_length:
             return scores.logp, scores.logp / scores.n_tokens.clamp(min=1).to(scores.logp.dtype)
         return scores.logp, None
@@ -148,8 +152,6 @@ class EnsembleTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        inputs = dict(inputs)
-        inputs.pop("idx", None)
         ens = self.accelerator.unwrap_model(model)
         logp, routing = self.member_logp(model, inputs)
         out = renyi_objective(logp, self.config.alpha, ens.log_weights, routing)

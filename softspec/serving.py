@@ -1,0 +1,55 @@
+"""Start and stop a ``softspec serve`` process for the jobs that need one (demo, eval)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from ensemble.errors import SoftspecError
+from server.vllm_process import free_port
+
+__all__ = ["start_server", "stop_server"]
+
+
+def start_server(
+    ensemble: Path, engine: str, log: Path, extra: Sequence[str] = (), timeout: float = 900
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``softspec serve`` on a free loopback port; returns once ``/ready`` answers 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "softspec.cli", "serve", "--ensemble", str(ensemble)]
+    cmd += ["--engine", engine, "--port", str(port), "--log-level", "warning", *extra]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SoftspecError(f"the server exited with code {proc.returncode}; see {log}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise SoftspecError(f"the server did not become ready within {timeout:.0f}s; see {log}")
+
+
+def stop_server(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM (the server stops its vLLM child), then SIGKILL the group if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

@@ -1,0 +1,107 @@
+"""α-Rényi DPO: the per-member preference likelihood σ(h_k) and its reference model.
+
+For a preference (x, y_w, y_l) and member k (DESIGN.md §2, DPO form):
+
+    h_k = β [ (log p_k(y_w|x) − log p_ref(y_w|x)) − (log p_k(y_l|x) − log p_ref(y_l|x)) ]
+    ℓ_α^DPO = −(1/α) log Σ_k π_k σ(h_k)^α,    w_k = softmax_k(log π_k + α log σ(h_k))
+
+so the SFT machinery applies unchanged with log p_k replaced by log σ(h_k). The reference is
+the base model with adapters disabled, or (``--init-from``) member k's own SFT adapter, kept
+frozen as ``ref_<member>``; reference log-likelihoods never change, so they are computed
+without gradient once per example and cached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ensemble.errors import ConfigError
+from ensemble.manifest import ADAPTER_FILE
+from ensemble.manifest import load as load_manifest
+from training.config import DPOConfig
+
+__all__ = ["REF_PREFIX", "dpo_margins", "init_from_sft", "prepare_dpo", "split_pairs"]
+
+REF_PREFIX = "ref_"
+
+
+def init_from_sft(cfg: DPOConfig) -> None:
+    """Take K and the LoRA shape from the SFT ensemble the DPO run starts from."""
+    if not cfg.init_from:
+        return
+    sft = load_manifest(cfg.init_from)
+    if len(sft.members) != cfg.members:
+        raise ConfigError(
+            f"--init-from {cfg.init_from} has {len(sft.members)} members; pass --members {len(sft.members)}"
+        )
+    cfg.lora_r = sft.lora.r
+    cfg.lora_alpha = int(sft.lora.alpha)
+    cfg.target_modules = ",".join(sft.lora.target_modules)
+
+
+def prepare_dpo(ens: Any, cfg: DPOConfig) -> None:
+    """With ``--init-from``: start every member from its SFT adapter and load that adapter
+    again, frozen, as the member's reference ``ref_<member>``."""
+    if not cfg.init_from:
+        return
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    root = Path(cfg.init_from)
+    sft = load_manifest(root)
+    for name, member in zip(ens.members, sft.members, strict=True):
+        adir = root / member.adapter
+        set_peft_model_state_dict(ens.peft, load_file(adir / ADAPTER_FILE), adapter_name=name)
+        ens.peft.load_adapter(str(adir), adapter_name=REF_PREFIX + name, is_trainable=False)
+    ens.reference_members = {name: REF_PREFIX + name for name in ens.members}
+    ens.activate(ens.members[0])
+
+
+def split_pairs(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (…, 2B) tensor of [chosen | rejected] columns as (chosen, rejected)."""
+    b = t.shape[-1] // 2
+    return t[..., :b], t[..., b:]
+
+
+def _reference(ens: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(K, 2B) reference log-likelihoods (no gradient): base, or each member's SFT adapter."""
+    batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+    refs = getattr(ens, "reference_members", None)
+    with torch.no_grad():
+        if not refs:
+            base = ens.reference_logprob(**batch)  # (2B,)
+            return base.expand(len(ens.members), -1)
+        rows = []
+        for name in ens.members:
+            ens.activate(refs[name])
+            rows.append(ens.sequence_logprob(**batch))
+        ens.activate(ens.members[0])
+        return torch.stack(rows)
+
+
+def dpo_margins(trainer: Any, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(K, B) DPO margins h_k of a batch of B pairs (``inputs`` holds 2B sequences)."""
+    ens = trainer.accelerator.unwrap_model(model)
+    batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+    idx = inputs.get("idx")
+    policy = model(**batch).logp  # (K, 2B), with gradient
+    cache: dict[int, torch.Tensor] = trainer.__dict__.setdefault(
+        "_ref_cache_train" if model.training else "_ref_cache_eval", {}
+    )
+    b = policy.shape[1] // 2
+    keys = [int(i) for i in idx.tolist()] if idx is not None else None
+    if keys is not None and all(k in cache for k in keys):
+        ref = torch.stack([cache[k] for k in keys], dim=1)  # (K, B, 2)
+        ref = torch.cat([ref[..., 0], ref[..., 1]], dim=1).to(policy)
+    else:
+        ref = _reference(ens, inputs).to(policy)
+        if keys is not None:
+            chosen, rejected = split_pairs(ref.detach().cpu())
+            for j, k in enumerate(keys):
+                cache[k] = torch.stack([chosen[:, j], rejected[:, j]], dim=-1)  # (K, 2)
+    (pw, pl), (rw, rl) = split_pairs(policy), split_pairs(ref)
+    assert pw.shape[1] == b
+    return trainer.config.beta * ((pw - rw) - (pl - rl))
