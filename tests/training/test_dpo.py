@@ -113,7 +113,7 @@ def test_alpha_zero_is_the_mean_of_k_dpo_losses_and_k1_is_dpo(
         h = dpo_margins(trainer, ens, batch)
         loss0 = renyi_objective(preference_logprob(h), 0.0, ens.log_weights.double()).per_example
         assert torch.allclose(loss0, (-F.logsigmoid(h)).mean(dim=0), atol=1e-12)
-    ens1, tok, batch1, _ = setup(tiny_llama_dir, dpo_data, k=1)
+    ens1, _tok, batch1, _ = setup(tiny_llama_dir, dpo_data, k=1)
     ens1.eval()
     with torch.no_grad():
         h1 = dpo_margins(fake_trainer(ens1, 0.5), ens1, batch1)
