@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -19,7 +19,12 @@ __all__ = ["start_server", "stop_server"]
 
 
 def start_server(
-    ensemble: Path, engine: str, log: Path, extra: Sequence[str] = (), timeout: float = 900
+    ensemble: Path,
+    engine: str,
+    log: Path,
+    extra: Sequence[str] = (),
+    timeout: float = 900,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``softspec serve`` on a free loopback port; returns once ``/ready`` answers 200."""
     port = free_port()
@@ -27,12 +32,19 @@ def start_server(
     cmd += ["--engine", engine, "--port", str(port), "--log-level", "warning", *extra]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SoftspecError(f"the server exited with code {proc.returncode}; see {log}")
+            tail = log.read_text(errors="replace")[-1500:]
+            raise SoftspecError(f"the server exited with code {proc.returncode}; see {log}: {tail}")
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return proc, url
@@ -43,13 +55,14 @@ def start_server(
     raise SoftspecError(f"the server did not become ready within {timeout:.0f}s; see {log}")
 
 
-def stop_server(proc: subprocess.Popen[bytes] | None) -> None:
+def stop_server(proc: subprocess.Popen[bytes] | None) -> int | None:
     """SIGTERM (the server stops its vLLM child), then SIGKILL the group if it lingers."""
     if proc is None or proc.poll() is not None:
-        return
+        return None if proc is None else proc.returncode
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+    return proc.returncode

@@ -73,3 +73,21 @@ def make_tiny_llama(out: Path, seed: int = 0) -> Path:
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     return out
+
+
+def clone_with_same_adapter(src: Path, dst: Path, name: str) -> Path:
+    """Copy an ensemble directory with every member replaced by member 0's adapter."""
+    import json
+    import shutil
+
+    from ensemble.atomic import sha256_file
+
+    shutil.copytree(src, dst)
+    raw = json.loads((dst / "ensemble.json").read_text())
+    raw["name"] = name
+    for m in raw["members"][1:]:
+        shutil.rmtree(dst / m["adapter"])
+        shutil.copytree(dst / raw["members"][0]["adapter"], dst / m["adapter"])
+        m["sha256"] = sha256_file(dst / m["adapter"] / "adapter_model.safetensors")
+    (dst / "ensemble.json").write_text(json.dumps(raw, indent=2))
+    return dst

@@ -7,23 +7,17 @@ adapter three times). Gateways are real ``softspec serve --vllm-url`` processes.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from ensemble.atomic import sha256_file
 from ensemble.manifest import load as load_manifest
-from server.vllm_process import VLLMProcess, free_port
+from server.vllm_process import VLLMProcess
+from softspec.serving import start_server, stop_server
+from tests.helpers import clone_with_same_adapter
 
 
 @pytest.fixture(scope="session")
@@ -58,15 +52,7 @@ def smol_ensemble(
 @pytest.fixture(scope="session")
 def same_ensemble(smol_ensemble: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same adapter three times: no epistemic uncertainty by construction."""
-    out = tmp_path_factory.mktemp("same") / "same"
-    shutil.copytree(smol_ensemble, out)
-    raw = json.loads((out / "ensemble.json").read_text())
-    raw["name"] = "same"
-    for m in raw["members"][1:]:
-        shutil.rmtree(out / m["adapter"])
-        shutil.copytree(out / raw["members"][0]["adapter"], out / m["adapter"])
-        m["sha256"] = sha256_file(out / m["adapter"] / "adapter_model.safetensors")
-    (out / "ensemble.json").write_text(json.dumps(raw, indent=2))
+    out = clone_with_same_adapter(smol_ensemble, tmp_path_factory.mktemp("same") / "same", "same")
     load_manifest(out)  # still a valid, verified ensemble
     return out
 
@@ -85,48 +71,16 @@ def vllm_server(
 
 
 def start_gateway(ensemble: Path, vllm_url: str | None, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:  # fmt: skip
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "softspec.cli",
-        "serve",
-        "--ensemble",
-        str(ensemble),
-        "--port",
-        str(port),
-    ]
-    if vllm_url:
-        cmd += ["--vllm-url", vllm_url]
-    log = tempfile.NamedTemporaryFile(prefix="softspec-gateway-", suffix=".log", delete=False)  # noqa: SIM115
-    with log:
-        proc = subprocess.Popen([*cmd, *extra], env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    proc.log_path = log.name  # type: ignore[attr-defined]
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = Path(log.name).read_text(errors="replace")
-            raise RuntimeError(f"gateway exited {proc.returncode}: {out[-2000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("gateway not ready in time")
+    """A real `softspec serve` process (its own vLLM child unless ``vllm_url``)."""
+    args = [*(["--vllm-url", vllm_url] if vllm_url else []), *extra]
+    log = Path(tempfile.mkdtemp(prefix="softspec-gateway-")) / "serve.log"
+    return start_server(ensemble, "vllm", log, args, timeout=600, env=env)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    return proc.returncode
+    code = stop_server(proc)
+    assert code is not None
+    return code
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ sequence mode's own consistency (generation scores = scoring scores)."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,12 +12,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from ensemble.atomic import sha256_file
 from ensemble.manifest import load as load_manifest
 from ensemble.math import token_uncertainty
 from server.app import create_app
 from server.settings import Settings
 from softspec.cli import main
+from tests.helpers import clone_with_same_adapter
 from training.local_engine import LocalEngine
 
 QUESTION = [{"role": "user", "content": "say something"}]
@@ -53,16 +52,7 @@ def tiny_ensemble(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def same_tiny(tiny_ensemble: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("same") / "same"
-    shutil.copytree(tiny_ensemble, out)
-    raw = json.loads((out / "ensemble.json").read_text())
-    raw["name"] = "same"
-    for m in raw["members"][1:]:
-        shutil.rmtree(out / m["adapter"])
-        shutil.copytree(out / raw["members"][0]["adapter"], out / m["adapter"])
-        m["sha256"] = sha256_file(out / m["adapter"] / "adapter_model.safetensors")
-    (out / "ensemble.json").write_text(json.dumps(raw))
-    return out
+    return clone_with_same_adapter(tiny_ensemble, tmp_path_factory.mktemp("same") / "same", "same")
 
 
 def local_client(root: Path) -> Iterator[tuple[TestClient, LocalEngine]]:
