@@ -17,6 +17,7 @@ Every function validates its inputs and raises :class:`ValueError` saying what i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "responsibilities",
     "sequence_epistemic",
     "token_uncertainty",
+    "token_uncertainty_many",
     "update_mixture_weights",
 ]
 
@@ -220,17 +222,41 @@ def entropy(logprobs: ArrayLike) -> FloatArray:
 
 
 def _as_distributions(logprobs: ArrayLike) -> FloatArray:
-    """(K, V) log-distributions, each renormalised after checking it sums to ~1."""
-    lq = _as_logp(logprobs, "logprobs")
-    if lq.ndim != 2:
-        raise ValueError(f"logprobs must have shape (K, V), got {lq.shape}")
-    norm = _logsumexp(lq, axis=1)
+    """(T, K, V) log-distributions, each renormalised after checking it sums to ~1."""
+    lq = np.asarray(logprobs, dtype=np.float64)
+    if lq.ndim != 3 or 0 in lq.shape:
+        raise ValueError(f"logprobs must have shape (K, V) or (T, K, V), got {lq.shape}")
+    if np.isnan(lq).any() or np.isposinf(lq).any():
+        raise ValueError("logprobs contains NaN or +inf")
+    norm = _logsumexp(lq, axis=2)  # (T, K)
     if not np.all(np.abs(np.expm1(norm)) <= _ROW_TOL):
         raise ValueError(
             "each row of logprobs must be a log-distribution summing to 1 "
-            f"(got sums {np.round(np.exp(norm), 6).tolist()}); use align_top_logprobs for top-N"
+            f"(got sums {np.round(np.exp(norm), 6).ravel().tolist()[:8]}); "
+            "use align_top_logprobs for top-N"
         )
-    return lq - norm[:, None]
+    return lq - norm[..., None]
+
+
+def token_uncertainty_many(
+    logprobs: ArrayLike, log_weights: ArrayLike | None = None
+) -> dict[str, FloatArray]:
+    """:func:`token_uncertainty` at T positions at once: (T, K, V) -> three (T,) arrays.
+
+    Positions with different supports can be stacked by padding with ``-inf`` columns
+    (probability 0), which change nothing.
+    """
+    lq = _as_distributions(logprobs)  # (T, K, V)
+    lw = _log_weights(log_weights, lq.shape[1])
+    pi = np.exp(lw)
+    mix = _logsumexp(lw[None, :, None] + lq, axis=1)  # (T, V) log q̄
+    q = np.exp(lq)
+    with np.errstate(invalid="ignore"):
+        h = -np.where(q > 0, q * lq, 0.0).sum(axis=2)  # (T, K) member entropies
+        kl = np.where(q > 0, q * (lq - mix[:, None, :]), 0.0).sum(axis=2)  # (T, K)
+    aleatoric = h @ pi
+    epistemic = np.maximum(kl @ pi, 0.0)
+    return {"total": aleatoric + epistemic, "aleatoric": aleatoric, "epistemic": epistemic}
 
 
 def token_uncertainty(
@@ -248,16 +274,11 @@ def token_uncertainty(
     Args:
         logprobs: (K, V), each row a log-distribution over a common support.
     """
-    lq = _as_distributions(logprobs)
-    lw = _log_weights(log_weights, lq.shape[0])
-    pi = np.exp(lw)
-    mix = _logsumexp(lw[:, None] + lq, axis=0)  # (V,) log q̄
-    q = np.exp(lq)
-    aleatoric = float(np.dot(pi, entropy(lq)))
-    with np.errstate(invalid="ignore"):
-        kl = np.where(q > 0, q * (lq - mix[None, :]), 0.0).sum(axis=1)  # (K,)
-    epistemic = max(float(np.dot(pi, kl)), 0.0)
-    return {"total": aleatoric + epistemic, "aleatoric": aleatoric, "epistemic": epistemic}
+    lq = np.asarray(logprobs, dtype=np.float64)
+    if lq.ndim != 2:
+        raise ValueError(f"logprobs must have shape (K, V), got {lq.shape}")
+    many = token_uncertainty_many(lq[None], log_weights)
+    return {key: float(v[0]) for key, v in many.items()}
 
 
 def align_top_logprobs(tops: Sequence[Mapping[Any, float]]) -> FloatArray:
@@ -286,22 +307,28 @@ def align_top_logprobs(tops: Sequence[Mapping[Any, float]]) -> FloatArray:
             union.setdefault(tok, len(union))
     k, u = len(tops), len(union)
     out = np.full((k, u + 1), -np.inf)
-    for i, top in enumerate(tops):
-        lp = np.array([float(v) for v in top.values()], dtype=np.float64)
-        if np.isnan(lp).any() or (lp > 1e-6).any():
-            raise ValueError(f"member {i}: log-probs must be <= 0 and not NaN, got {lp}")
-        lp = np.minimum(lp, 0.0)
-        p = np.exp(lp)
-        if p.sum() > 1.0:  # rounding in the server's float32: renormalise
-            lp, p = lp - np.log(p.sum()), p / p.sum()
-        rest = max(1.0 - float(p.sum()), 0.0)
+    for i, top in enumerate(tops):  # plain floats: this runs per token on the hot path
+        lps = [float(v) for v in top.values()]
+        if any(v != v or v > 1e-6 for v in lps):
+            raise ValueError(f"member {i}: log-probs must be <= 0 and not NaN, got {lps}")
+        lps = [min(v, 0.0) for v in lps]
+        probs = [math.exp(v) for v in lps]
+        mass = sum(probs)
+        if mass > 1.0:  # rounding in the server's float32: renormalise
+            lps = [v - math.log(mass) for v in lps]
+            probs = [p / mass for p in probs]
+            mass = 1.0
+        rest = max(1.0 - mass, 0.0)
         absent = [j for tok, j in union.items() if tok not in top]
-        share = min(rest / (len(absent) + 1), float(p.min())) if absent else 0.0
-        for tok, v in zip(top, lp, strict=True):
-            out[i, union[tok]] = v
-        with np.errstate(divide="ignore"):
-            out[i, absent] = np.log(share)
-            out[i, u] = np.log(max(rest - share * len(absent), 0.0))
+        share = min(rest / (len(absent) + 1), min(probs)) if absent else 0.0
+        row = out[i]
+        for tok, v in zip(top, lps, strict=True):
+            row[union[tok]] = v
+        if absent and share > 0.0:
+            row[absent] = math.log(share)
+        left = rest - share * len(absent)
+        if left > 0.0:
+            row[u] = math.log(left)
     return out
 
 

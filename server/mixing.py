@@ -21,7 +21,7 @@ from ensemble.math import (
     normalize_answer,
     responsibilities,
     sequence_epistemic,
-    token_uncertainty,
+    token_uncertainty_many,
 )
 from server.engine import Generation, TokenScores
 from server.protocol import SelectMode
@@ -69,24 +69,37 @@ def per_token_uncertainty(
     """Token-level decomposition along one answer scored by every member.
 
     At each position the members' known log-probs (top-N plus the actual token) are put
-    on a common support with a "rest" bucket (:func:`ensemble.math.align_top_logprobs`).
+    on a common support with a "rest" bucket (:func:`ensemble.math.align_top_logprobs`);
+    the positions are then stacked (padded with probability-0 columns) and decomposed in
+    one vectorised call.
 
     Returns (per-position uncertainty, mixture log-prob of each actual token, mixture
     top-N of each position).
     """
-    steps, token_lp, tops = [], [], []
-    for t in range(len(scores[0].token_ids)):
+    n = len(scores[0].token_ids)
+    if n == 0:
+        return [], [], []
+    aligned, unions = [], []
+    for t in range(n):
         dists = [s.distribution(t) for s in scores]
-        aligned = align_top_logprobs(dists)  # (K, U+1)
-        steps.append(token_uncertainty(aligned, log_weights))
-        token_lp.append(
-            float(mixture_logprob(np.array([s.logprobs[t] for s in scores]), log_weights))
-        )
-        union = list(dict.fromkeys(tok for d in dists for tok in d))
-        mix = mixture_logprob(aligned[:, : len(union)], log_weights)
-        order = np.argsort(-mix)[:top_n]
-        tops.append({int(union[i]): float(mix[i]) for i in order})
-    return steps, token_lp, tops
+        aligned.append(align_top_logprobs(dists))  # (K, U_t + 1)
+        unions.append(list(dict.fromkeys(tok for d in dists for tok in d)))
+    width = max(a.shape[1] for a in aligned)
+    stack = np.full((n, len(scores), width), -np.inf)  # (T, K, U_max + 1)
+    for t, a in enumerate(aligned):
+        stack[t, :, : a.shape[1]] = a
+    u = token_uncertainty_many(stack, log_weights)
+    steps = [
+        {key: float(u[key][t]) for key in ("total", "aleatoric", "epistemic")} for t in range(n)
+    ]
+    actual = np.array([s.logprobs for s in scores], dtype=np.float64)  # (K, T)
+    token_lp = np.atleast_1d(mixture_logprob(actual, log_weights)).tolist()
+    mix = np.logaddexp.reduce(log_weights[None, :, None] + stack, axis=1)  # (T, U_max + 1)
+    tops = []
+    for t, union in enumerate(unions):
+        order = np.argsort(-mix[t, : len(union)], kind="stable")[:top_n]
+        tops.append({int(union[i]): float(mix[t, i]) for i in order})
+    return steps, [float(x) for x in token_lp], tops
 
 
 def _select(cands: Sequence[Candidate], mixture: np.ndarray, mode: SelectMode) -> int:

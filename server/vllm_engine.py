@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
+import orjson
 
 from ensemble.manifest import EnsembleManifest
 from server.engine import Engine, Generation, ReadyState, SamplingParams, TokenScores
@@ -116,7 +117,7 @@ class VLLMEngine(Engine):
         if resp.status_code >= 400:
             self._count(member, "rejected")
             raise InvalidRequestError(f"the engine rejected the request: {_message(resp)}")
-        return resp.json()
+        return orjson.loads(resp.content)
 
     def _count(self, member: str, kind: str) -> None:
         if self.metrics is not None:
@@ -190,11 +191,12 @@ class VLLMEngine(Engine):
     def _generation(self, member: str, choice: dict[str, Any]) -> Generation:
         lp = choice.get("logprobs") or {}
         ids = [_token_id(t) for t in lp.get("tokens") or []]
+        skip = len(_ID_PREFIX)  # keys are "token_id:<id>" (return_tokens_as_token_ids)
         scores = TokenScores(
             token_ids=ids,
             logprobs=[float(x) for x in lp.get("token_logprobs") or []],
             top=[
-                {_token_id(k): float(v) for k, v in (d or {}).items()}
+                {int(k[skip:]): v for k, v in (d or {}).items()}
                 for d in lp.get("top_logprobs") or []
             ],
         )
@@ -221,29 +223,25 @@ class VLLMEngine(Engine):
         data = await self._call("POST", "/v1/completions", member, "score", body)
         choices = sorted(data["choices"], key=lambda c: c["index"])
         return [
-            self._scored(len(prompt_ids), c, ch, top_n)
-            for c, ch in zip(candidates, choices, strict=True)
+            self._scored(len(prompt_ids), c, ch) for c, ch in zip(candidates, choices, strict=True)
         ]
 
-    def _scored(
-        self, n_prompt: int, cand: Sequence[int], choice: dict[str, Any], top_n: int
-    ) -> TokenScores:
+    def _scored(self, n_prompt: int, cand: Sequence[int], choice: dict[str, Any]) -> TokenScores:
+        """The candidate's positions of a prompt_logprobs answer (hot path: plain loops).
+
+        Every returned entry is kept: the top-N plus, when it ranks lower, the actual token.
+        Display strings are cached for the actual tokens; others are fetched on demand.
+        """
         positions = (choice.get("prompt_logprobs") or [])[n_prompt : n_prompt + len(cand)]
         logprobs, tops = [], []
         for tok, entry in zip(cand, positions, strict=True):
-            entry = entry or {}
-            actual = entry.get(str(tok))
+            actual = (entry or {}).get(str(tok))
             if actual is None:
                 raise UpstreamError(f"the engine returned no log-prob for scored token {tok}")
             logprobs.append(float(actual["logprob"]))
-            top = {}
-            for key, info in entry.items():
-                tid = int(key)
-                if info.get("decoded_token") is not None:
-                    self._texts.setdefault(tid, info["decoded_token"])
-                if (info.get("rank") or 0) <= top_n or tid == tok:
-                    top[tid] = float(info["logprob"])
-            tops.append(top)
+            if tok not in self._texts and actual.get("decoded_token") is not None:
+                self._texts[tok] = actual["decoded_token"]
+            tops.append({int(k): v["logprob"] for k, v in entry.items()})
         return TokenScores(list(cand), logprobs, tops)
 
 
