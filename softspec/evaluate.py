@@ -39,7 +39,7 @@ from ensemble.manifest import load as load_manifest
 from ensemble.scores import GATE_SCORES
 from softspec.serving import start_server, stop_server
 
-__all__ = ["BASELINES", "SCORES", "compute_metrics", "evaluate_rows", "run_eval"]
+__all__ = ["BASELINES", "SCORES", "calibrate_gate", "compute_metrics", "evaluate_rows", "run_eval"]
 
 BASELINES = ("msp", "mean_token_entropy")
 SCORES = (*GATE_SCORES, *BASELINES)
@@ -192,6 +192,21 @@ def compute_metrics(preds: Sequence[dict[str, Any]], members: Sequence[str]) -> 
     return res
 
 
+def calibrate_gate(
+    preds: Sequence[dict[str, Any]], metrics: dict[str, Any], fpr: float
+) -> tuple[str, float]:
+    """The gate score with the best OOD AUROC and the threshold that flags ``fpr`` of the
+    in-distribution prompts (their (1 − fpr) quantile)."""
+    if not 0.0 < fpr < 1.0:
+        raise ConfigError(f"--calibrate-gate {fpr}: the false-positive rate must be in (0, 1)")
+    usable = [s for s in GATE_SCORES if metrics["scores"][s].get("ood_auroc") is not None]
+    if not usable:
+        raise DataError("--calibrate-gate needs rows labelled ood=true and ood=false")
+    best = max(usable, key=lambda s: metrics["scores"][s]["ood_auroc"])
+    ind = np.array([p[best] for p in preds if p["ood"] is False], dtype=np.float64)
+    return best, float(np.quantile(ind, 1.0 - fpr))
+
+
 def _report_md(metrics: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         "# Uncertainty evaluation",
@@ -273,5 +288,15 @@ def run_eval(argv: Sequence[str]) -> int:
         write_plots(preds, metrics, tmp)
         (tmp / "report.md").write_text(_report_md(metrics, meta))
     print(_report_md(metrics, meta).split("\n\n![")[0])
+    if args.calibrate_gate is not None:
+        from ensemble.manifest import GateSpec
+
+        score, threshold = calibrate_gate(preds, metrics, args.calibrate_gate)
+        manifest.model_copy(update={"gate": GateSpec(score_name=score, threshold=threshold)}).save(
+            args.ensemble
+        )
+        print(
+            f"gate written to {args.ensemble / 'ensemble.json'}: {score} > {threshold:.4g} is flagged"
+        )
     print(out)
     return 0

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from ensemble.manifest import load as load_manifest
+from ensemble.scores import GATE_SCORES
 from softspec.cli import main
 
 pytestmark = pytest.mark.slow
@@ -21,9 +24,13 @@ def test_tiny_eval_end_to_end(
     data = tmp_path / "mini.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ind + ood))
     out = tmp_path / "report"
-    code = main(["eval", "--ensemble", str(smol_ensemble), "--data", str(data), "--url", smol_gateway,
-                 "--out", str(out), "--max-tokens", "12"])  # fmt: skip
+    copy = tmp_path / "smol"
+    shutil.copytree(smol_ensemble, copy)  # the calibrated gate is written into this copy
+    code = main(["eval", "--ensemble", str(copy), "--data", str(data), "--url", smol_gateway,
+                 "--out", str(out), "--max-tokens", "12", "--calibrate-gate", "0.34"])  # fmt: skip
     assert code == 0
+    gate = load_manifest(copy).gate
+    assert gate.score_name in GATE_SCORES and gate.threshold >= 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 6
     for score in ("epistemic", "msp", "mean_token_entropy", "total"):

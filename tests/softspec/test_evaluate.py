@@ -8,7 +8,7 @@ import pytest
 
 from ensemble import metrics as M
 from softspec.cli import main
-from softspec.evaluate import BASELINES, SCORES, compute_metrics
+from softspec.evaluate import BASELINES, SCORES, calibrate_gate, compute_metrics
 
 
 def record(
@@ -73,3 +73,19 @@ def test_constant_score_has_auroc_one_half() -> None:
 def test_eval_rejects_bad_input(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["eval", "--ensemble", str(tmp_path), "--data", str(tmp_path / "x.jsonl")]) == 2
     assert "ensemble.json not found" in capsys.readouterr().err
+
+
+def test_calibrated_gate_flags_the_requested_share_of_in_distribution() -> None:
+    import numpy as np
+
+    from ensemble.errors import ConfigError
+
+    m = compute_metrics(PREDS, ["m0", "m1"])
+    score, threshold = calibrate_gate(PREDS, m, 0.34)
+    gate_scores = ["epistemic", "aleatoric", "total", "sequence_epistemic", "disagreement"]
+    assert score == max(gate_scores, key=lambda s: m["scores"][s]["ood_auroc"])
+    ind = np.array([p[score] for p in PREDS if not p["ood"]])
+    assert threshold == pytest.approx(np.quantile(ind, 0.66))
+    assert (ind > threshold).mean() <= 0.34
+    with pytest.raises(ConfigError):
+        calibrate_gate(PREDS, m, 1.5)
