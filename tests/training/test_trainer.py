@@ -282,3 +282,16 @@ def test_learned_weights_are_stored_and_sum_to_one(
     assert max(w) - min(w) > 1e-3  # moved away from uniform
     log = [json.loads(x) for x in (tmp_path / "lw" / "train_log.jsonl").read_text().splitlines()]
     assert any(row.get("pi") and max(row["pi"]) > 0.34 for row in log)
+
+
+def test_validation_loss_is_logged_every_eval_steps(
+    tiny_llama_dir: Path, sft_data: Path, tmp_path: Path
+) -> None:
+    args = ["--members", "2", "--alpha", "1", "--max-steps", "4", "--batch-size", "4",
+            "--eval-data", str(sft_data), "--eval-steps", "2"]  # fmt: skip
+    assert train(tiny_llama_dir, sft_data, tmp_path / "ev", *args) == 0
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "train_log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval_loss"] > 0 for r in evals)
+    assert (tmp_path / "ev" / "plots" / "training_curves.png").exists()
