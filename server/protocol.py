@@ -101,6 +101,15 @@ class _Sampling(_Request):
             )
         return v
 
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, v: float | None) -> float | None:
+        if v:  # accepted for SDK compatibility only at their neutral value
+            raise ValueError(
+                "penalties are not supported by the ensemble gateway; omit them or send 0"
+            )
+        return v
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:

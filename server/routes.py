@@ -113,7 +113,6 @@ def _job(
     prompt: Any,
     limit: int | None,
 ) -> Job:
-    settings_n = svc.top_n
     want = (
         bool(req.logprobs) if isinstance(req, ChatCompletionRequest) else req.logprobs is not None
     )
@@ -126,7 +125,7 @@ def _job(
         stop=tuple(req.stop_list),
         seed=req.seed,
         n=req.ensemble.samples_per_member,
-        top_n=settings_n,
+        top_n=svc.top_n,
     )
     return Job(
         model=req.model,

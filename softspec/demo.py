@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         "--retrain", action="store_true", help="train again even if a demo ensemble exists"
     )
     p.add_argument("--engine", choices=["auto", "vllm", "local"], default="auto")
-    p.add_argument("--train-seconds", type=float, default=420.0, help="training time budget")
+    p.add_argument("--train-seconds", type=float, default=360.0, help="training time budget")
     p.add_argument(
         "--max-steps", type=int, default=-1, help="cap on training steps (-1: one epoch)"
     )
@@ -83,8 +83,8 @@ def _train(args: argparse.Namespace, base: Path, data: Path, ens: Path) -> None:
         "--base", str(base), "--data", str(data / "sft_topics_train.jsonl"), "--out", str(ens),
         "--members", str(args.members), "--alpha", str(args.alpha), "--epochs", "1",
         "--max-steps", str(args.max_steps), "--time-budget", str(args.train_seconds),
-        "--batch-size", "4", "--learning-rate", "5e-4", "--max-length", "128", "--drop-overlong", "--group-by-length",
-        "--lora-r", "8", "--routing-examples", "256", "--logging-steps", "2",
+        "--batch-size", "4", "--learning-rate", "5e-4", "--max-length", "128", "--drop-overlong",
+        "--lora-r", "8", "--routing-examples", "96", "--logging-steps", "2",
         "--save-steps", "20", "--name", "demo",
     ]  # fmt: skip
     if ens.exists():
