@@ -46,6 +46,7 @@ def envelope(r: httpx.Response, status: int, param: str | None = None) -> dict: 
             "ensemble.decode",
             "sequence",
         ),
+        ({"model": "ens", "messages": MESSAGES, "presence_penalty": 0.5}, "presence_penalty", "not supported"),
         (
             {"model": "ens", "messages": [{"role": "wizard", "content": "x"}]},
             "messages.0.role",
