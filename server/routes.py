@@ -139,18 +139,30 @@ def _job(
     )
 
 
-async def until_disconnected(request: Request, work: Awaitable[T], poll: float = 0.2) -> T:
-    """Await ``work``; if the client goes away first, cancel it (and its upstream calls)."""
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away (ASGI ``http.disconnect``; the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client goes away first, cancel it (and its upstream calls).
+
+    Event-driven: one task waits for the disconnect message, so a long request costs no
+    polling.
+    """
     task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=poll)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise asyncio.CancelledError("client disconnected")
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise asyncio.CancelledError("client disconnected")
 
 
 async def _respond(request: Request, job: Job, kind: str, stream: bool, include_usage: bool) -> Any:
