@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="member for the single-model baselines (default: first)",
     )
+    p.add_argument(
+        "--calibrate-gate",
+        type=float,
+        default=None,
+        metavar="FPR",
+        help="write the score with the best OOD AUROC into the manifest's gate, with the "
+        "threshold that flags this fraction of in-distribution prompts",
+    )
     return p
 
 
@@ -253,6 +261,10 @@ def run_eval(argv: Sequence[str]) -> int:
     from softspec.eval_plots import write_plots
 
     args = _parser().parse_args(list(argv))
+    if args.calibrate_gate is not None and not 0.0 < args.calibrate_gate < 1.0:
+        raise ConfigError(
+            f"--calibrate-gate {args.calibrate_gate}: the false-positive rate must be in (0, 1)"
+        )
     manifest = load_manifest(args.ensemble)
     baseline = args.baseline_member or manifest.member_names[0]
     if baseline not in manifest.member_names:

@@ -73,6 +73,9 @@ def test_constant_score_has_auroc_one_half() -> None:
 def test_eval_rejects_bad_input(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["eval", "--ensemble", str(tmp_path), "--data", str(tmp_path / "x.jsonl")]) == 2
     assert "ensemble.json not found" in capsys.readouterr().err
+    bad_fpr = ["--calibrate-gate", "1.5"]
+    assert main(["eval", "--ensemble", str(tmp_path), "--data", "x.jsonl", *bad_fpr]) == 2
+    assert "false-positive rate must be in (0, 1)" in capsys.readouterr().err
 
 
 def test_calibrated_gate_flags_the_requested_share_of_in_distribution() -> None:
