@@ -152,11 +152,17 @@ def main() -> None:
     out = args.out or softspec_home() / "bench" / "alpha_sweep"
     out.mkdir(parents=True, exist_ok=True)
     train_file = mixed_training_file(data, out / "train.jsonl", args.seed)
-    results = []
+    # rows of earlier runs for other α are kept, so a sweep can be run (or resumed) α by α
+    earlier = (
+        json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
+    )
+    results: list[dict[str, Any]] = []
+    merged = earlier
     for alpha in [float(a) for a in args.alphas.split(",")]:
         ens = out / f"alpha{alpha:g}"
         t0 = time.monotonic()
-        if not (ens / "ensemble.json").exists():
+        trained_before = (ens / "ensemble.json").exists()
+        if not trained_before:
             code = softspec([
                 "train", "sft", "--base", str(base), "--data", str(train_file), "--out", str(ens),
                 "--members", str(args.members), "--alpha", str(alpha), "--max-steps", str(args.steps),
@@ -164,8 +170,10 @@ def main() -> None:
                 "--max-length", "128", "--drop-overlong", "--group-by-length", "--routing-examples", "256",
             ])  # fmt: skip
             assert code == 0, f"training α={alpha} failed"
-        train_s = time.monotonic() - t0
-        row: dict[str, Any] = {"alpha": alpha, "train_seconds": round(train_s)}
+        train_s: Any = round(time.monotonic() - t0)
+        if trained_before:  # reused: the time of the run that trained it, if recorded
+            train_s = next((r["train_seconds"] for r in earlier if r["alpha"] == alpha), None)
+        row: dict[str, Any] = {"alpha": alpha, "train_seconds": train_s}
         row["specialisation"] = specialisation(ens, data, alpha, limit=120)
         proc, url = start_server(ens, args.engine, out / f"serve-alpha{alpha:g}.log")
         try:
@@ -178,9 +186,13 @@ def main() -> None:
         finally:
             stop_server(proc)
         results.append(row)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        merged = [r for r in earlier if r["alpha"] not in {x["alpha"] for x in results}] + results
+        merged.sort(key=lambda r: r["alpha"])
+        from ensemble.atomic import atomic_write_text
+
+        atomic_write_text(out / "results.json", json.dumps(merged, indent=2))
         print(json.dumps(row), flush=True)
-    print(table(results, args))
+    print(table(merged, args))
 
 
 def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:

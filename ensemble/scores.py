@@ -23,5 +23,7 @@ class Score(StrEnum):
 
 
 GATE_SCORES: tuple[str, ...] = tuple(s.value for s in Score)
-DEFAULT_GATE_SCORE = Score.EPISTEMIC.value
+# The gate score with the best OOD AUROC at every α of the α sweep (README, "Measured
+# results"); `softspec eval --calibrate-gate` picks the best score for a given ensemble.
+DEFAULT_GATE_SCORE = Score.DISAGREEMENT.value
 DEFAULT_GATE_THRESHOLD = 0.5

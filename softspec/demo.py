@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.8)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument(
+        "--ensemble",
+        type=Path,
+        default=None,
+        help="ensemble directory to train or reuse (default $SOFTSPEC_HOME/ensembles/demo)",
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help="report directory (default under $SOFTSPEC_HOME)"
     )
     return p
@@ -174,7 +180,7 @@ def run_demo(argv: Sequence[str]) -> int:
     base = export_default_model()
     build_datasets()
     data = default_data_dir()
-    ens = softspec_home() / "ensembles" / "demo"
+    ens = args.ensemble or softspec_home() / "ensembles" / "demo"
     _step(
         f"2/5 train K={args.members}, α={args.alpha} on sft_topics (budget {args.train_seconds:.0f} s)"
     )

@@ -23,6 +23,7 @@ from clients.softspec_client import (
     TokenUncertainty,
 )
 from ensemble.manifest import EnsembleManifest, GateSpec
+from ensemble.scores import DEFAULT_GATE_SCORE
 from tests.server.conftest import Factory
 
 QUESTION = "What is the capital of France?"
@@ -67,7 +68,8 @@ def test_chat_fills_the_dataclasses_consistently(gateway: Factory) -> None:
     assert [c.member for c in a.candidates] == manifest.member_names
     assert all(list(c.scores) == manifest.member_names for c in a.candidates)
     assert a.text in {c.text for c in a.candidates}
-    assert a.gate.score_name == "epistemic" and a.gate.score == pytest.approx(u.epistemic)
+    assert a.gate.score_name == DEFAULT_GATE_SCORE
+    assert a.gate.score == pytest.approx(getattr(u, DEFAULT_GATE_SCORE))
     assert a.gate.passed != a.gate.flagged and not a.gate.abstained
     assert a.usage["total_tokens"] == a.usage["prompt_tokens"] + a.usage["completion_tokens"]
     # the same request without the SDK: the dataclasses hold exactly what the gateway sent

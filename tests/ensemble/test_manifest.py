@@ -11,6 +11,7 @@ import pytest
 from ensemble import manifest as mf
 from ensemble.atomic import atomic_dir, sha256_file
 from ensemble.errors import ManifestError
+from ensemble.scores import DEFAULT_GATE_SCORE, DEFAULT_GATE_THRESHOLD
 
 
 def make_ensemble(
@@ -53,7 +54,7 @@ def test_round_trip_and_derived_values(tmp_path: Path) -> None:
         "format", "name", "base_model", "objective", "alpha", "members", "lora", "training", "gate"
     }  # fmt: skip
     assert set(raw["members"][0]) == {"name", "adapter", "weight", "sha256"}
-    assert raw["gate"] == {"score_name": "epistemic", "threshold": 0.5}
+    assert raw["gate"] == {"score_name": DEFAULT_GATE_SCORE, "threshold": DEFAULT_GATE_THRESHOLD}
     assert np.exp(loaded.log_weights()) == pytest.approx([0.5, 0.25, 0.25])
     assert loaded.served_name("m1").startswith("demo-") and loaded.served_name("m1").endswith("-m1")
     assert loaded.adapter_dir(tmp_path, "m2") == tmp_path / "adapters" / "m2"

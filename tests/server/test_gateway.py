@@ -17,6 +17,7 @@ from ensemble.math import (
     sequence_epistemic,
     token_uncertainty,
 )
+from ensemble.scores import DEFAULT_GATE_SCORE
 from tests.server.fake_vllm import EOS, VOCAB, FakeVLLM
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -131,7 +132,9 @@ def test_chat_mixing_matches_brute_force(gateway, top_n: int) -> None:  # type: 
             mixture_logprob(np.array(list(c["scores"].values())), lw)
         )
     assert all(len(c["top_logprobs"]) <= 2 for c in content)
-    assert body["gate"]["score_name"] == "epistemic" and body["gate"]["decision"] in (
+    assert body["gate"]["score_name"] == DEFAULT_GATE_SCORE
+    assert body["gate"]["score"] == pytest.approx(u[DEFAULT_GATE_SCORE])
+    assert body["gate"]["decision"] in (
         "pass",
         "flag",
     )
