@@ -26,7 +26,7 @@ from typing import Any
 
 from ensemble.atomic import atomic_dir
 from softspec.paths import default_data_dir, softspec_home
-from softspec.serving import start_server, stop_server
+from softspec.serving import sigterm_as_interrupt, start_server, stop_server
 
 __all__ = ["PROMPTS", "run_demo"]
 
@@ -171,10 +171,15 @@ def _report(out: Path, ens: Path, rows: list[dict[str, Any]], meta: dict[str, An
 
 
 def run_demo(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(list(argv))
+    with sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from softspec.default_data import build_datasets
     from softspec.default_model import export_default_model
 
-    args = _parser().parse_args(list(argv))
     t0 = time.monotonic()
     _step("1/5 default model and data")
     base = export_default_model()

@@ -37,7 +37,7 @@ from ensemble.atomic import atomic_dir
 from ensemble.errors import ConfigError, DataError
 from ensemble.manifest import load as load_manifest
 from ensemble.scores import GATE_SCORES
-from softspec.serving import start_server, stop_server
+from softspec.serving import sigterm_as_interrupt, start_server, stop_server
 
 __all__ = ["BASELINES", "SCORES", "calibrate_gate", "compute_metrics", "evaluate_rows", "run_eval"]
 
@@ -256,11 +256,16 @@ def _report_md(metrics: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 def run_eval(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(list(argv))
+    with sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from clients import SoftSpecClient
     from softspec.default_data import read_jsonl
     from softspec.eval_plots import write_plots
 
-    args = _parser().parse_args(list(argv))
     if args.calibrate_gate is not None and not 0.0 < args.calibrate_gate < 1.0:
         raise ConfigError(
             f"--calibrate-gate {args.calibrate_gate}: the false-positive rate must be in (0, 1)"

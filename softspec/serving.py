@@ -7,15 +7,32 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import httpx
 
 from ensemble.errors import SoftspecError
-from server.vllm_process import free_port
+from server.vllm_process import _die_with_parent, free_port
 
-__all__ = ["start_server", "stop_server"]
+__all__ = ["sigterm_as_interrupt", "start_server", "stop_server"]
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside: SIGTERM (``kill``, ``docker stop``) unwinds like Ctrl-C, so the ``finally``
+    blocks that stop servers and the atomic writes' clean-up run before the process exits."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def start_server(
@@ -36,7 +53,8 @@ def start_server(
             cmd,
             stdout=f,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True,  # Ctrl-C reaches us only; we stop the server in order
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # we died hard
             env={**os.environ, **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"

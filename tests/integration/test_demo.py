@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -10,6 +16,7 @@ import pytest
 from ensemble.manifest import load as load_manifest
 from softspec.cli import main
 from softspec.demo import PROMPTS
+from tests.integration.test_serve_cli import processes_with
 
 pytestmark = pytest.mark.slow
 
@@ -32,3 +39,34 @@ def test_tiny_demo(smollm2_dir: Path, tmp_path: Path, capsys) -> None:  # type: 
     # a second run reuses the ensemble instead of training again
     assert main([*args, "--out", str(tmp_path / "again")]) == 0
     assert "reusing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_demo_leaves_no_process_and_no_report(
+    smol_ensemble: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Ctrl-C (or ``kill``) while the prompts run: the server stops, nothing is half-written."""
+    marker = f"SOFTSPEC_TEST_MARKER={uuid.uuid4().hex}"
+    key, value = marker.split("=")
+    ens, out = tmp_path / "ens", tmp_path / "report"
+    shutil.copytree(smol_ensemble, ens)  # reused: no training
+    with subprocess.Popen(
+        [sys.executable, "-m", "softspec.cli", "demo", "--ensemble", str(ens), "--out", str(out),
+         "--engine", "local", "--max-tokens", "8"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, key: value},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    ) as proc:  # fmt: skip
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # wait until the server answers the first prompt
+            seen.append(line)
+            if "epistemic" in line:
+                break
+        assert len(processes_with(marker)) >= 2, "".join(seen)  # the demo and its server
+        proc.send_signal(sig)
+        rest = proc.stderr.read()
+        code = proc.wait(120)
+    assert code == 130, "".join(seen) + rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    assert processes_with(marker) == []
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ens"]
