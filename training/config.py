@@ -210,7 +210,8 @@ class DPOConfig(TrainConfig):
 
     beta: float = _help("DPO temperature β", default=0.1)
     init_from: str = _help(
-        "SFT ensemble directory: each member starts from (and is referenced to) its SFT adapter",
+        "SFT ensemble directory: each member starts from (and is referenced to) its SFT "
+        "adapter; --base defaults to that ensemble's base",
         default="",
     )
 

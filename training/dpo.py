@@ -33,6 +33,16 @@ def init_from_sft(cfg: DPOConfig) -> None:
     if not cfg.init_from:
         return
     sft = load_manifest(cfg.init_from)
+    if sft.objective != "sft":
+        raise ConfigError(
+            f"--init-from {cfg.init_from}: a {sft.objective} ensemble, not an SFT one"
+        )
+    sft_base = sft.resolve_base_model(Path(cfg.init_from))
+    if cfg.base and Path(sft_base).resolve() != Path(cfg.base).resolve():
+        raise ConfigError(
+            f"--init-from {cfg.init_from} was trained on base {sft_base}, not {cfg.base}; "
+            f"pass --base {sft_base}"
+        )
     if len(sft.members) != cfg.members:
         raise ConfigError(
             f"--init-from {cfg.init_from} has {len(sft.members)} members; pass --members {len(sft.members)}"

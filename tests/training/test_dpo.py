@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -161,8 +162,8 @@ def test_reference_is_cached_per_example(tiny_llama_dir: Path, dpo_data: Path) -
 
 
 def test_dpo_end_to_end_and_init_from_sft(
-    tiny_llama_dir: Path, dpo_data: Path, sft_data: Path, tmp_path: Path
-) -> None:
+    tiny_llama_dir: Path, dpo_data: Path, sft_data: Path, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
     common = ["--base", str(tiny_llama_dir), "--members", "2", "--alpha", "1", "--lora-dropout", "0",
               "--batch-size", "4", "--learning-rate", "1e-2", "--routing-examples", "8"]  # fmt: skip
     assert (
@@ -203,13 +204,26 @@ def test_dpo_end_to_end_and_init_from_sft(
     assert m.objective == "dpo"
     routing = m.training["routing"]
     assert routing["groups"] == ["upbeat", "witty"]  # routing by preference source
-    assert main(["train", "dpo", *common, "--data", str(dpo_data), "--out", str(tmp_path / "dpo2"),
+    no_base = [a for a in common if a != str(tiny_llama_dir) and a != "--base"]
+    assert main(["train", "dpo", *no_base, "--data", str(dpo_data), "--out", str(tmp_path / "dpo2"),
                  "--max-steps", "2", "--init-from", str(tmp_path / "sft")]) == 0  # fmt: skip
-    assert load_manifest(tmp_path / "dpo2").objective == "dpo"
+    dpo2 = load_manifest(tmp_path / "dpo2")  # the base came from the SFT ensemble
+    assert dpo2.objective == "dpo" and Path(dpo2.base_model) == tiny_llama_dir.resolve()
+    other_base = shutil.copytree(tiny_llama_dir, tmp_path / "other_base")
+    for bad_init, err in [(tmp_path / "dpo", "not an SFT one"), (tmp_path / "sft", "pass --base")]:
+        argv = ["train", "dpo", *common, "--data", str(dpo_data), "--out", str(tmp_path / "no"),
+                "--init-from", str(bad_init), "--base", str(other_base)]  # fmt: skip
+        assert main(argv) == 2
+        assert err in capsys.readouterr().err and not (tmp_path / "no").exists()
     # with --init-from, members start AT their SFT adapters, which are also the references: h = 0
     model, tok = load_base(tiny_llama_dir)
     cfg = DPOConfig(
-        data=str(dpo_data), out="x", members=2, init_from=str(tmp_path / "sft"), lora_dropout=0.0
+        data=str(dpo_data),
+        out="x",
+        members=2,
+        init_from=str(tmp_path / "sft"),
+        lora_dropout=0.0,
+        base=str(tiny_llama_dir),
     )
     from training.dpo import init_from_sft
 
