@@ -124,6 +124,7 @@ def ood_auroc(
 
 def main() -> None:
     from clients import SoftSpecClient
+    from ensemble.atomic import atomic_write_text
     from softspec.cli import main as softspec
     from softspec.default_data import build_datasets
     from softspec.default_model import export_default_model
@@ -188,8 +189,6 @@ def main() -> None:
         results.append(row)
         merged = [r for r in earlier if r["alpha"] not in {x["alpha"] for x in results}] + results
         merged.sort(key=lambda r: r["alpha"])
-        from ensemble.atomic import atomic_write_text
-
         atomic_write_text(out / "results.json", json.dumps(merged, indent=2))
         print(json.dumps(row), flush=True)
     print(table(merged, args))

@@ -27,7 +27,7 @@ import httpx
 
 from ensemble.errors import SoftspecError
 
-__all__ = ["EngineStartError", "VLLMProcess", "cuda_available", "free_port"]
+__all__ = ["EngineStartError", "VLLMProcess", "cuda_available", "die_with_parent", "free_port"]
 
 
 class EngineStartError(SoftspecError):
@@ -52,7 +52,8 @@ def cuda_available() -> bool:
     return out.returncode == 0 and b"GPU" in out.stdout
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """preexec_fn: this child gets SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -126,7 +127,7 @@ class VLLMProcess:
             stderr=subprocess.STDOUT,
             env=self.env(),
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         try:
             self._wait_ready()

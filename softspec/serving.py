@@ -15,7 +15,7 @@ from types import FrameType
 import httpx
 
 from ensemble.errors import SoftspecError
-from server.vllm_process import _die_with_parent, free_port
+from server.vllm_process import die_with_parent, free_port
 
 __all__ = ["sigterm_as_interrupt", "start_server", "stop_server"]
 
@@ -54,7 +54,7 @@ def start_server(
             stdout=f,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us only; we stop the server in order
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # we died hard
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # we died hard
             env={**os.environ, **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"
