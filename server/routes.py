@@ -155,6 +155,9 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we are cancelled ourselves (shutdown): the work goes with us
+        task.cancel()
+        raise
     finally:
         watch.cancel()
     if task.done():

@@ -203,3 +203,29 @@ def test_client_disconnect_cancels_upstream_work() -> None:
 
     asyncio.run(scenario())
     assert cancelled.is_set()
+
+
+def test_cancelled_handler_cancels_upstream_work() -> None:
+    cancelled = asyncio.Event()
+
+    async def upstream() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def scenario() -> None:
+        async def receive() -> dict:  # type: ignore[type-arg]
+            await asyncio.sleep(30)  # the client stays
+            return {"type": "http.disconnect"}
+
+        request = SimpleNamespace(receive=receive)
+        handler = asyncio.ensure_future(until_disconnected(request, upstream()))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        handler.cancel()  # e.g. the server shuts down
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        await asyncio.wait_for(cancelled.wait(), 1.0)  # before asyncio.run cancels leftovers
+
+    asyncio.run(scenario())
