@@ -2,24 +2,82 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ensemble import manifest as manifest_io
 from ensemble.errors import ConfigError
+from server.admission import Admission
 from server.engine import Engine
-from server.errors import install_error_handlers
+from server.errors import PayloadTooLargeError, error_response, install_error_handlers
 from server.gate import GatePolicy
 from server.metrics import Metrics
 from server.routes import open_router, router
 from server.service import EnsembleService
 from server.settings import Settings
+from server.supervisor import EngineSupervisor, Restartable
 
-__all__ = ["create_app", "gate_policy"]
+__all__ = ["BodyLimit", "create_app", "gate_policy"]
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 in the envelope.
+
+    A declared ``Content-Length`` over the limit is refused before any of the body is read;
+    a body without one (chunked) is read here, counted as it arrives, and refused once it
+    passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _error(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"the request body is larger than {self.limit} bytes (SOFTSPEC_MAX_BODY_BYTES)"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await error_response(self._error())(scope, receive, send)
+            return
+        if length:
+            await self.app(scope, receive, send)  # the server stops at Content-Length
+            return
+        # no length (chunked): read the body here, counting, and replay it to the app
+        chunks: list[bytes] = []
+        seen, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away mid-body
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                await error_response(self._error())(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def gate_policy(settings: Settings, manifest: manifest_io.EnsembleManifest) -> GatePolicy:
@@ -38,11 +96,19 @@ def create_app(
     settings: Settings,
     engine_factory: Callable[[manifest_io.EnsembleManifest, Metrics], Engine],
     manifest: manifest_io.EnsembleManifest | None = None,
+    *,
+    supervise: bool = False,
+    process: Restartable | None = None,
+    on_give_up: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """Build the gateway for ``settings.ensemble`` on the engine the factory makes.
 
     The manifest is loaded (and its adapters' hashes verified) here, at start-up, so a
     broken ensemble directory fails before the server accepts a request.
+
+    With ``supervise`` (or a ``process``), a watch task probes the engine, answers 503 at
+    once while it is down, and restarts ``process`` (the vLLM child) when it dies; after
+    too many failed restarts it calls ``on_give_up`` (server/supervisor.py).
     """
     manifest = manifest or manifest_io.load(settings.ensemble)
     try:
@@ -51,13 +117,30 @@ def create_app(
         raise ConfigError(str(exc)) from exc
     metrics = Metrics()
     engine = engine_factory(manifest, metrics)
+    watch: EngineSupervisor | None = None
+    if supervise or process is not None:
+
+        async def probe() -> bool:
+            return (await engine.ready()).ready
+
+        watch = EngineSupervisor(
+            probe, metrics, process=process, interval=settings.vllm_health_interval,
+            timeout=settings.vllm_health_timeout, failures=settings.vllm_health_failures,
+            max_restarts=settings.vllm_max_restarts, backoff=settings.vllm_restart_backoff,
+            on_give_up=on_give_up,
+        )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        task = asyncio.create_task(watch.run()) if watch is not None else None
         try:
             yield
         finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await engine.close()
 
     app = FastAPI(title="Soft Specialists", version="0.1.0", lifespan=lifespan)
@@ -65,12 +148,15 @@ def create_app(
     app.state.metrics = metrics
     app.state.gate = gate
     app.state.started = time.time()
+    app.state.admission = Admission(settings.max_concurrency, settings.max_queue, metrics)
+    app.state.supervisor = watch
     app.state.service = EnsembleService(
         manifest, engine, gate, metrics, top_n=settings.top_logprobs
     )
     install_error_handlers(app)
     app.include_router(open_router)
     app.include_router(router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Any]) -> Response:

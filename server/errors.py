@@ -10,6 +10,7 @@ validation errors, Starlette's HTTP errors and anything unexpected — into the 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,12 +21,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 __all__ = [
     "APIError",
     "AuthenticationError",
+    "ClientClosedError",
+    "DeadlineExceededError",
     "InvalidRequestError",
     "ModelNotFoundError",
+    "OverloadedError",
+    "PayloadTooLargeError",
     "UpstreamError",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
     "error_body",
+    "error_headers",
+    "error_response",
     "install_error_handlers",
 ]
 
@@ -38,13 +45,23 @@ class APIError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    retry_after: float | None = None  # seconds; sent as the Retry-After header
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class InvalidRequestError(APIError):
@@ -56,6 +73,29 @@ class AuthenticationError(APIError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class PayloadTooLargeError(APIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class OverloadedError(APIError):
+    """Every slot is busy and the queue is full: come back after ``retry_after``."""
+
+    status = 429
+    type = "overloaded_error"
+    code = "queue_full"
+    retry_after = 1.0
+
+
+class ClientClosedError(APIError):
+    """The client went away before the answer; its work was cancelled (nginx's 499)."""
+
+    status = 499
+    type = "client_closed"
+    code = "client_disconnected"
 
 
 class ModelNotFoundError(APIError):
@@ -75,12 +115,21 @@ class UpstreamUnavailableError(APIError):
     status = 503
     type = "upstream_unavailable"
     code = "engine_unavailable"
+    retry_after = 5.0
 
 
 class UpstreamTimeoutError(APIError):
     status = 504
     type = "upstream_timeout"
     code = "engine_timeout"
+
+
+class DeadlineExceededError(APIError):
+    """The request's overall deadline passed; its upstream work was cancelled."""
+
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
 
 
 def error_body(
@@ -93,8 +142,24 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
+def error_headers(exc: APIError) -> dict[str, str] | None:
+    """``WWW-Authenticate`` on 401, ``Retry-After`` (whole seconds, at least 1) when known."""
+    headers: dict[str, str] = {}
+    if exc.status == 401:
+        headers["www-authenticate"] = "Bearer"
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+    return headers or None
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    """The envelope of ``exc`` with its status and headers (also used outside handlers)."""
+    body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
+    return _json(exc.status, body, error_headers(exc))
+
+
 def _loc(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
 
 
@@ -103,10 +168,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
-        return _json(
-            exc.status, error_body(exc.message, exc.type, param=exc.param, code=exc.code), headers
-        )
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys", help="comma-separated bearer keys (default: no auth)")
     p.add_argument("--request-timeout", type=float, help="seconds per upstream call")
     p.add_argument("--max-model-len", type=int, help="context length given to vLLM")
+    p.add_argument("--max-concurrency", type=int, help="ensemble requests running at once")
+    p.add_argument("--max-queue", type=int, help="requests waiting for a slot (beyond: 429)")
+    p.add_argument("--request-deadline", type=float, help="seconds a request may take in all")
+    p.add_argument("--max-body-bytes", type=int, help="request body limit in bytes (413)")
+    p.add_argument("--max-prompt-chars", type=int, help="prompt length limit (400)")
+    p.add_argument("--vllm-max-restarts", type=int, help="failed vLLM restarts before exiting")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
     return p
 
@@ -60,6 +66,8 @@ def settings_from_args(argv: Sequence[str]) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(x) for x in first["loc"])
+        if not field:  # a rule across settings (e.g. the queue against the concurrency)
+            raise ConfigError(str(first["msg"]).removeprefix("Value error, ")) from exc
         if first["type"] == "missing":
             raise ConfigError(
                 f"--{field.replace('_', '-')} is required (or set SOFTSPEC_{field.upper()})"
@@ -111,6 +119,9 @@ def vllm_process(settings: Settings, manifest: manifest_io.EnsembleManifest) -> 
     )
 
 
+EXIT_ENGINE_LOST = 3  # vLLM could not be restarted: an outer supervisor should take over
+
+
 class _Terminated(Exception):
     """SIGTERM arrived (uvicorn re-raises it after its graceful shutdown)."""
 
@@ -141,16 +152,32 @@ def run_serve(argv: Sequence[str]) -> int:
             child.start()
             url = child.url
             print(f"softspec: vLLM ready at {url} (log {child.log_path})", file=sys.stderr)
-        app = create_app(settings, engine_factory(settings, url), manifest)
+        lost: list[str] = []
+        server: uvicorn.Server | None = None
+
+        def give_up(why: str) -> None:  # the supervisor ran out of restarts
+            lost.append(why)
+            if server is not None:
+                server.should_exit = True
+
+        app = create_app(
+            settings, engine_factory(settings, url), manifest,
+            supervise=settings.engine == "vllm", process=child, on_give_up=give_up,
+        )  # fmt: skip
         where = f"http://{settings.host}:{settings.port}"
         print(f"softspec: serving {manifest.name} on {where}", file=sys.stderr)
-        uvicorn.run(
+        config = uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
             access_log=False,
         )
+        server = uvicorn.Server(config)
+        server.run()
+        if lost:
+            print(f"softspec: stopped: {lost[0]}", file=sys.stderr)
+            return EXIT_ENGINE_LOST
     except _Terminated:
         print("softspec: stopped (SIGTERM)", file=sys.stderr)
     finally:

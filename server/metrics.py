@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 __all__ = ["Metrics"]
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_QUEUE = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _EPISTEMIC = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4)
 
 
@@ -43,3 +44,32 @@ class Metrics:
             "softspec_upstream_seconds", "engine call latency", ["member", "op"],
             buckets=_LATENCY, registry=r,
         )  # fmt: skip
+        # --- reliability: admission control, deadlines, the supervised engine ------------
+        self.active = Gauge(
+            "softspec_admission_active", "ensemble requests holding a slot", registry=r
+        )
+        self.waiting = Gauge(
+            "softspec_admission_waiting", "ensemble requests waiting for a slot", registry=r
+        )
+        self.queue_wait = Histogram(
+            "softspec_admission_wait_seconds", "time spent waiting for a slot",
+            buckets=_QUEUE, registry=r,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "softspec_admission_rejected_total",
+            "requests refused or dropped before running",
+            ["reason"],  # queue_full | engine_down | client_gone | deadline
+            registry=r,
+        )
+        self.deadline_exceeded = Counter(
+            "softspec_deadline_exceeded_total", "requests cut off by their deadline", registry=r
+        )
+        self.engine_up = Gauge(
+            "softspec_engine_up", "1 while the engine answers its health check", registry=r
+        )
+        self.engine_restarts = Counter(
+            "softspec_engine_restarts_total",
+            "vLLM child restarts",
+            ["result"],  # ok | failed
+            registry=r,
+        )

@@ -8,9 +8,9 @@ with the field's name rather than a silently ignored option.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 __all__ = [
     "ChatCompletionRequest",
@@ -23,6 +23,12 @@ __all__ = [
 ]
 
 MAX_TOP_LOGPROBS = 20
+
+# Where the OpenAI API is strict, so are we: JSON ``true`` is not the number 1, ``1`` is
+# not ``true`` and ``2.0`` is not a token count. Floats still take JSON integers.
+StrictInt = Annotated[int, Strict()]
+StrictFloat = Annotated[float, Strict()]
+StrictBool = Annotated[bool, Strict()]
 
 
 class DecodeMode(StrEnum):
@@ -44,7 +50,7 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class EnsembleOptions(_Request):
@@ -52,10 +58,10 @@ class EnsembleOptions(_Request):
 
     decode: DecodeMode = DecodeMode.SEQUENCE
     select: SelectMode = SelectMode.MIXTURE
-    samples_per_member: int = Field(default=1, ge=1, le=16)
+    samples_per_member: StrictInt = Field(default=1, ge=1, le=16)
     members: list[str] | None = Field(default=None, min_length=1)
-    return_candidates: bool = False
-    per_token: bool = False
+    return_candidates: StrictBool = False
+    per_token: StrictBool = False
 
 
 class ChatMessage(_Request):
@@ -79,16 +85,16 @@ class ChatMessage(_Request):
 
 class _Sampling(_Request):
     model: str
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
+    n: StrictInt = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     user: str | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
     # --- Soft Specialists extras -------------------------------------------------
     ensemble: EnsembleOptions = Field(default_factory=EnsembleOptions)
 
@@ -128,10 +134,10 @@ class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
@@ -147,10 +153,10 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions`` (one prompt: a string or a list of token ids)."""
 
-    prompt: str | list[int]
-    max_tokens: int = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
+    prompt: str | list[StrictInt]
+    max_tokens: StrictInt = Field(default=16, ge=1)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: StrictBool = False
 
     @field_validator("prompt")
     @classmethod

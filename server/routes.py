@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import PurePath
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Receive, Scope, Send
 
+from server.admission import Admission
 from server.engine import MixtureStep, SamplingParams
-from server.errors import APIError, AuthenticationError, error_body
+from server.errors import (
+    APIError,
+    AuthenticationError,
+    ClientClosedError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    error_body,
+    error_headers,
+)
 from server.protocol import ChatCompletionRequest, CompletionRequest, DecodeMode
 from server.responses import (
     chat_body,
@@ -24,6 +37,8 @@ from server.responses import (
     token_frames,
 )
 from server.service import EnsembleService, Job, Outcome
+from server.settings import MIN_DEADLINE
+from server.supervisor import EngineSupervisor
 
 __all__ = ["open_router", "router"]
 
@@ -36,14 +51,27 @@ def service(request: Request) -> EnsembleService:
     return svc
 
 
+def supervisor(request: Request) -> EngineSupervisor | None:
+    sup: EngineSupervisor | None = request.app.state.supervisor
+    return sup
+
+
 def require_key(request: Request) -> None:
-    """Bearer-key check when SOFTSPEC_API_KEYS is set (``/health`` stays open)."""
+    """Bearer-key check when SOFTSPEC_API_KEYS is set (``/health`` stays open).
+
+    Every configured key is compared in constant time (``hmac.compare_digest``), so the
+    answer's timing says nothing about how much of a key was right; keys are never logged.
+    """
     keys = request.app.state.settings.api_keys
     if not keys:
         return
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or token.strip() not in keys:
+    given = token.strip().encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode())
+    if scheme.lower() != "bearer" or not matched:
         raise AuthenticationError("missing or invalid API key: send `Authorization: Bearer <key>`")
 
 
@@ -52,12 +80,26 @@ router = APIRouter(dependencies=[Depends(require_key)])
 
 
 @open_router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """Liveness: 200 while the gateway can serve or is healing itself (the engine's state is
+    in the body: ``degraded`` while it is down or restarting), 503 once it has given up."""
+    sup = supervisor(request)
+    if sup is None:
+        return JSONResponse({"status": "ok"})
+    status = "ok" if sup.up else "failed" if sup.state == "failed" else "degraded"
+    body = {"status": status, "engine": sup.status()}
+    return JSONResponse(body, status_code=503 if status == "failed" else 200)
 
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
+    sup = supervisor(request)
+    if sup is not None and not sup.up:
+        try:
+            sup.check()
+        except APIError as exc:
+            body = error_body(f"not ready: {exc.message}", exc.type, code=exc.code)
+            return JSONResponse(body, status_code=503, headers=error_headers(exc))
     state = await service(request).engine.ready()
     body = {
         "status": "ready" if state.ready else "not ready",
@@ -69,6 +111,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(
         error_body(f"not ready: {state.detail}", "upstream_unavailable", code="engine_unavailable"),
         status_code=503,
+        headers={"retry-after": "5"},
     )
 
 
@@ -91,7 +134,7 @@ async def models(request: Request) -> dict[str, Any]:
             "owned_by": "softspec",
             "members": m.member_names,
             "alpha": m.alpha,
-            "base_model": m.base_model,
+            "base_model": display_name(m.base_model),
         }
     ]
     data += [
@@ -105,6 +148,14 @@ async def models(request: Request) -> dict[str, Any]:
         for mid in svc.model_ids()[1:]
     ]
     return {"object": "list", "data": data}
+
+
+def display_name(base_model: str) -> str:
+    """A base model as clients may see it: a hub id as is, a local path by its last part
+    (the server's directory layout is not the client's business)."""
+    p = PurePath(base_model)
+    local = p.is_absolute() or base_model.startswith((".", "~")) or len(p.parts) > 2
+    return p.name if local else base_model
 
 
 def _job(
@@ -168,20 +219,129 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise asyncio.CancelledError("client disconnected")
 
 
-async def _respond(request: Request, job: Job, kind: str, stream: bool, include_usage: bool) -> Any:
+def _budget(request: Request, header: float | None) -> float:
+    """The request's deadline in seconds: the setting, or the client's header if shorter."""
+    cap: float = request.app.state.settings.request_deadline
+    return cap if header is None else min(header, cap)
+
+
+def _check_prompt(request: Request, prompt: Any, param: str) -> None:
+    """Refuse an oversized prompt before it costs a tokenisation (characters or token ids)."""
+    limit: int = request.app.state.settings.max_prompt_chars
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        size = sum(len(m["content"]) for m in prompt)
+    else:
+        size = len(prompt)
+    if size > limit:
+        unit = "token ids" if isinstance(prompt, list) and param == "prompt" else "characters"
+        raise InvalidRequestError(
+            f"the prompt is {size} {unit} long; the limit is {limit} (SOFTSPEC_MAX_PROMPT_CHARS)",
+            param=param,
+            code="prompt_too_long",
+        )
+
+
+def _engine_up(request: Request) -> None:
+    sup = supervisor(request)
+    if sup is not None and not sup.up:
+        request.app.state.metrics.rejected.labels("engine_down").inc()
+        sup.check()
+
+
+async def _within_deadline(request: Request, work: Awaitable[T], deadline: float) -> T:
+    """Await ``work``; past ``deadline`` seconds it is cancelled (its upstream calls with it)."""
+    limit = asyncio.timeout(deadline)
+    try:
+        async with limit:
+            return await work
+    except TimeoutError as exc:
+        if not limit.expired():
+            raise
+        request.app.state.metrics.deadline_exceeded.inc()
+        raise DeadlineExceededError(
+            f"the request did not finish within its deadline of {deadline:g} s; its engine work "
+            "was cancelled (raise x-request-timeout or SOFTSPEC_REQUEST_DEADLINE, or ask for "
+            "fewer tokens)"
+        ) from exc
+
+
+async def _admitted(
+    request: Request,
+    work: Callable[[], Awaitable[T]],
+    deadline: float,
+    hold: contextlib.AsyncExitStack | None = None,
+) -> T:
+    """Engine up → a slot (waiting in the queue, or 429 at once) → ``work``.
+
+    All of it within ``deadline`` and cancelled if the client goes away, so a request that
+    is given up on leaves the queue, or stops its upstream calls. With ``hold`` the slot is
+    not given back on return but pushed onto ``hold`` (a streamed answer keeps it).
+    """
+    _engine_up(request)
+    admission: Admission = request.app.state.admission
+
+    async def run() -> T:
+        async with contextlib.AsyncExitStack() as local:
+            await local.enter_async_context(admission.slot())
+            _engine_up(request)  # it may have gone down while we waited
+            result = await work()
+            if hold is not None:
+                hold.push_async_exit(local.pop_all())
+            return result
+
+    try:
+        return await _within_deadline(request, until_disconnected(request, run()), deadline)
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are cancelled ourselves (shutdown)
+        # the client went away: its work is cancelled; answer (to no one) instead of
+        # failing the middleware, so the request is counted as 499, not as a server error
+        raise ClientClosedError("the client closed the connection; its work was cancelled") from exc
+
+
+class _HeldStream(StreamingResponse):
+    """A streamed answer that gives its admission slot back when the stream ends (or dies)."""
+
+    def __init__(self, content: Any, hold: contextlib.AsyncExitStack, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.hold = hold
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.hold.aclose()
+
+
+async def _respond(
+    request: Request, job: Job, kind: str, stream: bool, include_usage: bool, deadline: float
+) -> Any:
     svc = service(request)
     abstain = request.app.state.gate.abstain_text
     if job.options.decode == DecodeMode.TOKEN:
-        prompt = await svc.prepare_tokens(job)  # errors before the first byte is sent
-        events = svc.stream_tokens(job, prompt)
         if stream:
-            return StreamingResponse(
-                _token_stream(kind, job, events, abstain, include_usage),
+            hold = contextlib.AsyncExitStack()
+            ends = time.monotonic() + deadline
+            try:  # errors (429, 503, bad prompt) before the first byte is sent
+                prompt = await _admitted(request, lambda: svc.prepare_tokens(job), deadline, hold)
+            except BaseException:
+                await hold.aclose()
+                raise
+            events = svc.stream_tokens(job, prompt)
+            return _HeldStream(
+                _token_stream(kind, job, events, abstain, include_usage, ends),
+                hold,
                 media_type="text/event-stream",
             )
-        outcome = await until_disconnected(request, _last(events))
+
+        async def tokens() -> Outcome:
+            prompt = await svc.prepare_tokens(job)
+            return await _last(svc.stream_tokens(job, prompt))
+
+        outcome = await _admitted(request, tokens, deadline)
     else:
-        outcome = await until_disconnected(request, svc.run(job))
+        outcome = await _admitted(request, lambda: svc.run(job), deadline)
     if stream:
         frames = (chat_chunks if kind == "chat" else completion_chunks)(
             job, outcome, abstain, include_usage
@@ -207,12 +367,22 @@ async def _token_stream(
     events: AsyncIterator[MixtureStep | Outcome],
     abstain: str,
     include_usage: bool,
+    ends: float,
 ) -> AsyncIterator[str]:
-    """Token mode: each token is sent as soon as it is decided; errors end the stream."""
+    """Token mode: each token is sent as soon as it is decided; errors (and the deadline,
+    at ``ends`` on the monotonic clock) end the stream."""
     frames = token_frames(kind, job)
     first = True
     try:
-        async for ev in events:
+        while True:
+            try:
+                ev = await asyncio.wait_for(anext(events), max(0.0, ends - time.monotonic()))
+            except StopAsyncIteration:
+                break
+            except TimeoutError as exc:
+                raise DeadlineExceededError(
+                    "the stream did not finish within its deadline; generation was stopped"
+                ) from exc
             if isinstance(ev, MixtureStep):
                 yield sse(frames.delta(ev.text, role=first))
                 first = False
@@ -225,24 +395,48 @@ async def _token_stream(
                 yield sse(frames.usage(ev))
     except APIError as exc:
         yield sse(error_body(exc.message, exc.type, param=exc.param, code=exc.code))
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
     yield sse("[DONE]")
 
 
+DeadlineHeader = Annotated[
+    float | None,
+    Header(
+        alias="x-request-timeout",
+        ge=MIN_DEADLINE,
+        le=86_400,
+        description="seconds this request may take in all (queue + engine); "
+        "capped by SOFTSPEC_REQUEST_DEADLINE",
+    ),
+]
+
+
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+async def chat_completions(
+    req: ChatCompletionRequest, request: Request, timeout: DeadlineHeader = None
+) -> Any:
     svc = service(request)
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.content}
         for m in req.messages
     ]
+    _check_prompt(request, messages, "messages")
     job = _job(svc, req, messages, req.token_limit)
     include = bool(req.stream_options and req.stream_options.include_usage)
-    return await _respond(request, job, "chat", req.stream, include)
+    return await _respond(request, job, "chat", req.stream, include, _budget(request, timeout))
 
 
 @router.post("/v1/completions")
-async def completions(req: CompletionRequest, request: Request) -> Any:
+async def completions(
+    req: CompletionRequest, request: Request, timeout: DeadlineHeader = None
+) -> Any:
     svc = service(request)
+    _check_prompt(request, req.prompt, "prompt")
     job = _job(svc, req, req.prompt, req.token_limit)
     include = bool(req.stream_options and req.stream_options.include_usage)
-    return await _respond(request, job, "completion", req.stream, include)
+    return await _respond(
+        request, job, "completion", req.stream, include, _budget(request, timeout)
+    )

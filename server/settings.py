@@ -6,13 +6,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ensemble.scores import GATE_SCORES
 from server.gate import GateAction
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["MIN_DEADLINE", "Settings", "get_settings"]
+
+MIN_DEADLINE = 1.0  # seconds: no deadline below this fits even a one-token generation
 
 
 class Settings(BaseSettings):
@@ -27,7 +29,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated bearer keys; empty = no auth"
+        default_factory=list, repr=False, description="comma-separated bearer keys; empty = no auth"
     )
     gate_score: str | None = Field(default=None, description="override the manifest's gate score")
     gate_threshold: float | None = None
@@ -40,6 +42,35 @@ class Settings(BaseSettings):
     vllm_dtype: str = "float32"
     vllm_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: str = "info"
+    # --- reliability (docs/reliability.md) -----------------------------------------
+    max_concurrency: int = Field(
+        default=4, gt=0, description="ensemble requests running at once; more wait in the queue"
+    )
+    max_queue: int = Field(
+        default=16, gt=0, description="requests waiting for a slot; beyond it: 429 at once"
+    )
+    request_deadline: float = Field(
+        default=300.0, gt=0, description="seconds a request may take in all (queue + engine)"
+    )
+    max_body_bytes: int = Field(default=1 << 20, gt=0, description="request body limit (413)")
+    max_prompt_chars: int = Field(
+        default=100_000, gt=0, description="prompt characters (or token ids) before tokenising"
+    )
+    vllm_max_restarts: int = Field(
+        default=5, gt=0, description="failed vLLM restarts in a row before the gateway exits"
+    )
+    vllm_health_interval: float = Field(
+        default=2.0, gt=0, description="seconds between vLLM health checks"
+    )
+    vllm_health_timeout: float = Field(
+        default=10.0, gt=0, description="a health check slower than this counts as a failure"
+    )
+    vllm_health_failures: int = Field(
+        default=3, gt=0, description="failed health checks in a row that mean vLLM is down"
+    )
+    vllm_restart_backoff: float = Field(
+        default=1.0, gt=0, description="first restart delay; doubles per failed attempt (≤ 30 s)"
+    )
 
     @field_validator("api_keys", "vllm_args", mode="before")
     @classmethod
@@ -54,6 +85,20 @@ class Settings(BaseSettings):
         if v is not None and v not in GATE_SCORES:
             raise ValueError(f"must be one of {', '.join(GATE_SCORES)}")
         return v
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.max_queue < self.max_concurrency:
+            raise ValueError(
+                f"max_queue ({self.max_queue}) is smaller than max_concurrency "
+                f"({self.max_concurrency}); raise max_queue or lower max_concurrency"
+            )
+        if self.request_deadline < MIN_DEADLINE:
+            raise ValueError(
+                f"request_deadline ({self.request_deadline:g} s) is shorter than a minimal "
+                f"generation ({MIN_DEADLINE:g} s)"
+            )
+        return self
 
 
 @lru_cache

@@ -76,8 +76,11 @@ class VLLMProcess:
     extra_args: Sequence[str] = ()
     startup_timeout: float = 600.0
     log_path: Path | None = None
+    startup_seconds: float | None = field(default=None, init=False)  # of the last start
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: object | None = field(default=None, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
+    _returncode: int | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -120,7 +123,32 @@ class VLLMProcess:
             fd, name = tempfile.mkstemp(prefix="softspec-vllm-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._spawn("wb")
+        return self
+
+    def restart(self) -> None:
+        """Kill the server (whole group), start it again on the same port, wait until healthy.
+
+        Blocking (the gateway's supervisor runs it in a thread). Appends to the same log.
+        Raises :class:`EngineStartError` when it does not come up, or after :meth:`stop`.
+        """
+        if self._closed:
+            raise EngineStartError("the vLLM process was stopped")
+        self._kill()
+        deadline = time.monotonic() + 30
+        while not _port_free(self.host, self.port):  # the old group may take a moment to go
+            if time.monotonic() > deadline:
+                raise EngineStartError(f"port {self.port} on {self.host} stayed in use")
+            time.sleep(0.2)
+        self._spawn("ab")
+
+    def _spawn(self, mode: str) -> None:
+        assert self.log_path is not None
+        if self._closed:
+            raise EngineStartError("the vLLM process was stopped")
+        self._log = open(self.log_path, mode)  # noqa: SIM115 - closed in stop()
+        t0 = time.monotonic()
+        self._returncode = None
         self._proc = subprocess.Popen(
             self.command(),
             stdout=self._log,
@@ -130,19 +158,23 @@ class VLLMProcess:
             preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         try:
+            if self._closed:  # stop() ran in another thread while we were spawning
+                raise EngineStartError("the vLLM process was stopped")
             self._wait_ready()
         except BaseException:
-            self.stop()
+            self._kill()
             raise
-        return self
+        self.startup_seconds = time.monotonic() - t0
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        assert self._proc is not None
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
+            proc = self._proc
+            if proc is None:
+                raise EngineStartError("the vLLM process was stopped during start-up")
+            if proc.poll() is not None:
                 raise EngineStartError(
-                    f"vLLM exited with code {self._proc.returncode} during start-up: "
+                    f"vLLM exited with code {proc.returncode} during start-up: "
                     f"{self.log_summary()} (full log: {self.log_path})"
                 )
             with contextlib.suppress(httpx.HTTPError):
@@ -166,10 +198,28 @@ class VLLMProcess:
         return lines[-1][-400:] if lines else "empty log"
 
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        proc = self._proc
+        return proc is not None and proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        """The exit code of the server that died (None while it runs)."""
+        proc = self._proc
+        return proc.poll() if proc is not None else self._returncode
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return None if proc is None else proc.pid
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Terminate the server's whole process group; SIGKILL what outlives ``timeout``."""
+        """Terminate the server's whole process group; SIGKILL what outlives ``timeout``.
+
+        Final: a :meth:`restart` running in another thread gives up.
+        """
+        self._closed = True
+        self._kill(timeout)
+
+    def _kill(self, timeout: float = 30.0) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -183,6 +233,7 @@ class VLLMProcess:
             # workers may linger a moment after the leader exits
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            self._returncode = proc.returncode
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
@@ -200,7 +251,9 @@ class VLLMProcess:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``port`` (connections in TIME_WAIT do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
