@@ -29,6 +29,7 @@ MAX_TOP_LOGPROBS = 20
 StrictInt = Annotated[int, Strict()]
 StrictFloat = Annotated[float, Strict()]
 StrictBool = Annotated[bool, Strict()]
+TokenId = Annotated[int, Strict(), Field(ge=0)]
 
 
 class DecodeMode(StrEnum):
@@ -153,7 +154,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions`` (one prompt: a string or a list of token ids)."""
 
-    prompt: str | list[StrictInt]
+    prompt: str | list[TokenId]
     max_tokens: StrictInt = Field(default=16, ge=1)
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: StrictBool = False
