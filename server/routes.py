@@ -44,6 +44,7 @@ __all__ = ["open_router", "router"]
 
 T = TypeVar("T")
 DEFAULT_MAX_TOKENS = 256  # chat requests without max_tokens (shrunk to fit the context)
+GREEDY_BELOW = 1e-5  # vLLM's sampling epsilon: lower temperatures sample greedily
 
 
 def service(request: Request) -> EnsembleService:
@@ -169,6 +170,8 @@ def _job(
     )
     top = (req.top_logprobs or 0) if isinstance(req, ChatCompletionRequest) else (req.logprobs or 0)
     temperature = 1.0 if req.temperature is None else req.temperature
+    if temperature < GREEDY_BELOW:  # as vLLM does: a vanishing temperature is greedy decoding
+        temperature = 0.0
     params = SamplingParams(
         max_tokens=limit or DEFAULT_MAX_TOKENS,
         temperature=temperature,

@@ -543,3 +543,10 @@ def test_api_keys_match_exactly_and_are_never_logged(
     settings = client.app.state.settings  # type: ignore[attr-defined]
     assert "second-key" not in repr(settings) and "k-one" not in str(settings)
     assert "second-key" not in caplog.text and "k-one" not in caplog.text
+
+
+def test_a_vanishing_temperature_is_greedy(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", json={**CHAT, "temperature": 1e-300})
+    assert r.status_code == 200, r.text
+    greedy = client.post("/v1/chat/completions", json={**CHAT, "temperature": 0})
+    assert r.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]

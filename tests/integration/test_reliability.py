@@ -1,0 +1,137 @@
+"""Reliability on the real stack: ``softspec serve`` with its own vLLM child (CPU, SmolLM2).
+
+One gateway for the module (one vLLM start, plus the one restart the fault test causes):
+
+* a burst of 4x the admitted concurrency gets 200s for the admitted requests and 429s
+  with ``Retry-After`` in the envelope for the rest, never a 5xx;
+* SIGKILL of the vLLM child: requests get 503 with ``Retry-After`` while it is down,
+  ``/health`` says degraded, the gateway restarts vLLM itself and answers again within
+  the restart budget, without a gateway restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import start_gateway, stop
+
+pytestmark = pytest.mark.slow
+
+CONCURRENCY, QUEUE = 2, 2
+RESTART_BUDGET = 600.0  # the vLLM start-up timeout: recovery must come within one start
+CHAT = {
+    "model": "same",
+    "messages": [{"role": "user", "content": "What is AI?"}],
+    "max_tokens": 8,
+    "temperature": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def supervised(same_ensemble: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    proc, url = start_gateway(
+        same_ensemble, None,
+        "--max-concurrency", str(CONCURRENCY), "--max-queue", str(QUEUE),
+        env={"SOFTSPEC_VLLM_HEALTH_INTERVAL": "1"},
+    )  # fmt: skip
+    yield proc, url
+    assert stop(proc) == 0
+
+
+def vllm_children(gateway_pid: int) -> list[int]:
+    """PIDs of the gateway's vLLM server children (direct children running vLLM)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == gateway_pid and b"vllm.entrypoints" in cmd:
+            found.append(int(pid))
+    return found
+
+
+def envelope(r: httpx.Response, status: int) -> dict[str, object]:
+    assert r.status_code == status, r.text
+    err: dict[str, object] = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    return err
+
+
+def test_a_burst_beyond_the_queue_gets_429s_while_admitted_requests_finish(
+    supervised: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    _, url = supervised
+    n = 4 * CONCURRENCY
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            return list(
+                await asyncio.gather(
+                    *(client.post("/v1/chat/completions", json=CHAT) for _ in range(n))
+                )
+            )
+
+    answers = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in answers)
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= CONCURRENCY + QUEUE, statuses  # every admitted one finished
+    assert statuses.count(429) >= 1, statuses  # the rest were refused, not queued
+    for r in answers:
+        if r.status_code == 429:
+            assert envelope(r, 429)["code"] == "queue_full"
+            assert int(r.headers["retry-after"]) >= 1
+        else:
+            assert r.json()["choices"][0]["message"]["content"]
+    metrics = httpx.get(f"{url}/metrics").text
+    assert f'softspec_admission_rejected_total{{reason="queue_full"}} {statuses.count(429)}.0' in (
+        metrics
+    )
+
+
+def test_a_killed_vllm_child_is_restarted_and_answers_again(
+    supervised: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    proc, url = supervised
+    assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=600).status_code == 200
+    children = vllm_children(proc.pid)
+    assert len(children) == 1, children
+    os.kill(children[0], signal.SIGKILL)
+    killed = time.monotonic()
+
+    seen_503 = seen_degraded = False
+    first_ok: float | None = None
+    while time.monotonic() - killed < RESTART_BUDGET:
+        assert proc.poll() is None, "the gateway itself died"
+        health = httpx.get(f"{url}/health", timeout=30)
+        assert health.status_code == 200, health.text
+        seen_degraded |= health.json()["status"] == "degraded"
+        r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=600)
+        if r.status_code == 200:
+            first_ok = time.monotonic()
+            break
+        err = envelope(r, 503)
+        assert err["type"] == "upstream_unavailable" and int(r.headers["retry-after"]) >= 1
+        seen_503 = True
+        time.sleep(1)
+    assert first_ok is not None, f"no answer within {RESTART_BUDGET:.0f} s of the kill"
+    print(f"\nvLLM SIGKILL → first 200 after {first_ok - killed:.1f} s")
+    assert seen_503 and seen_degraded
+    assert httpx.get(f"{url}/ready", timeout=30).status_code == 200
+    assert len(vllm_children(proc.pid)) == 1  # one new child, the old one gone
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'softspec_engine_restarts_total{result="ok"} 1.0' in metrics
+    assert "softspec_engine_up 1.0" in metrics
