@@ -106,7 +106,11 @@ class Uncertainty:
     ``epistemic``, ``aleatoric`` and ``total`` are means over the answer's tokens, in nats
     per token. ``sequence_epistemic`` (nats per token, from cross-scored candidates) and
     ``disagreement`` (fraction of member pairs with different answers, in [0, 1]) are
-    ``None`` in token decoding mode. ``per_token`` is present only when asked for.
+    ``None`` in token decoding mode. ``novelty`` and ``prompt_novelty`` (nats per token)
+    compare the members with the base model on the answer and on the prompt: high when
+    what the members learned does not bear on the input. ``combined`` (in [0, 1]) is
+    1 − the Bonferroni-combined in-distribution p-value of its component scores, ``None``
+    when the ensemble has no gate calibration. ``per_token`` is present only when asked for.
     """
 
     epistemic: float
@@ -114,6 +118,9 @@ class Uncertainty:
     total: float
     sequence_epistemic: float | None = None
     disagreement: float | None = None
+    novelty: float | None = None
+    prompt_novelty: float | None = None
+    combined: float | None = None
     per_token: list[TokenUncertainty] | None = None
 
     @classmethod
@@ -125,6 +132,9 @@ class Uncertainty:
             total=float(_field(d, "total", "uncertainty")),
             sequence_epistemic=_opt_float(d.get("sequence_epistemic")),
             disagreement=_opt_float(d.get("disagreement")),
+            novelty=_opt_float(d.get("novelty")),
+            prompt_novelty=_opt_float(d.get("prompt_novelty")),
+            combined=_opt_float(d.get("combined")),
             per_token=None
             if per_token is None
             else [TokenUncertainty.from_dict(p) for p in per_token],

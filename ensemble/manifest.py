@@ -17,9 +17,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from ensemble.atomic import atomic_write_text, sha256_file
+from ensemble.calibration import GateCalibration
 from ensemble.errors import ManifestError
 from ensemble.scores import DEFAULT_GATE_SCORE, DEFAULT_GATE_THRESHOLD, GATE_SCORES
 
@@ -83,6 +92,16 @@ class GateSpec(_Model):
 
     score_name: str = DEFAULT_GATE_SCORE
     threshold: float = DEFAULT_GATE_THRESHOLD
+    calibration: GateCalibration | None = Field(
+        default=None, description="in-distribution scores behind the 'combined' gate score"
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_calibration(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("calibration") is None:
+            data.pop("calibration", None)
+        return data
 
     @field_validator("score_name")
     @classmethod

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["DEFAULT_GATE_SCORE", "DEFAULT_GATE_THRESHOLD", "GATE_SCORES", "Score"]
+__all__ = [
+    "COMBINED_COMPONENTS",
+    "DEFAULT_GATE_SCORE",
+    "DEFAULT_GATE_THRESHOLD",
+    "GATE_SCORES",
+    "MIN_CALIBRATION",
+    "Score",
+]
 
 
 class Score(StrEnum):
@@ -20,6 +27,9 @@ class Score(StrEnum):
     TOTAL = "total"  # mean over tokens of H(q̄)
     SEQUENCE_EPISTEMIC = "sequence_epistemic"  # cross-scored candidates, nats per token
     DISAGREEMENT = "disagreement"  # fraction of member pairs with different answers
+    NOVELTY = "novelty"  # answer: mean log q_base − log q̄ per token (ensemble/novelty.py)
+    PROMPT_NOVELTY = "prompt_novelty"  # the same on the prompt's tokens
+    COMBINED = "combined"  # 1 − Bonferroni min p-value vs in-distribution calibration
 
 
 GATE_SCORES: tuple[str, ...] = tuple(s.value for s in Score)
@@ -27,3 +37,7 @@ GATE_SCORES: tuple[str, ...] = tuple(s.value for s in Score)
 # results"); `softspec eval --calibrate-gate` picks the best score for a given ensemble.
 DEFAULT_GATE_SCORE = Score.DISAGREEMENT.value
 DEFAULT_GATE_THRESHOLD = 0.5
+# The scores the `combined` gate score turns into in-distribution p-values
+# (ensemble/calibration.py), and the fewest in-distribution rows it is fitted from.
+COMBINED_COMPONENTS: tuple[str, ...] = (Score.PROMPT_NOVELTY.value, Score.NOVELTY.value)
+MIN_CALIBRATION = 20

@@ -16,7 +16,19 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Engine", "Generation", "MixtureStep", "ReadyState", "SamplingParams", "TokenScores"]
+__all__ = [
+    "BASE",
+    "Engine",
+    "Generation",
+    "MixtureStep",
+    "ReadyState",
+    "SamplingParams",
+    "TokenScores",
+]
+
+# The base model with every adapter off, addressed like a member in ``score``/``score_all``
+# (member names cannot start with "@"): the reference of the base-relative scores.
+BASE = "@base"
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,9 @@ class Engine(ABC):
         candidates: Sequence[Sequence[int]],
         top_n: int,
     ) -> list[TokenScores]:
-        """Each candidate's tokens scored by ``member`` given the prompt."""
+        """Each candidate's tokens scored by ``member`` (or :data:`BASE`) given the prompt.
+
+        ``top_n = 0`` asks for the actual tokens' log-probs only (``top`` stays empty)."""
 
     async def generate_all(
         self, members: Sequence[str], prompt_ids: Sequence[int], params: SamplingParams

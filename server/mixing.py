@@ -50,7 +50,7 @@ class MixOutcome:
     answer: int  # index into the candidates
     L: np.ndarray  # (K, M) cross-scores log p_k(y_m|x)
     mixture: np.ndarray  # (M,) log p̄(y_m)
-    uncertainty: dict[str, float]
+    uncertainty: dict[str, float | None]
     responsibilities: dict[str, float]
     per_token: list[dict[str, float]]  # one {total, aleatoric, epistemic} per answer token
     token_logprobs: list[float]  # log q̄_t(y_t) along the answer

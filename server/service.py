@@ -1,5 +1,9 @@
 """One ensemble request end to end: render → fan out → cross-score → mix → gate.
 
+Beside the members, the base model (adapters off, :data:`server.engine.BASE`) scores the
+prompt and the candidates, for the base-relative scores ``prompt_novelty`` and ``novelty``
+(:mod:`ensemble.novelty`); the prompt is scored while the members generate.
+
 The service is HTTP-agnostic: routes turn protocol models into a :class:`Job`, call
 :meth:`EnsembleService.run` (or :meth:`EnsembleService.stream_tokens` in token mode) and
 format the :class:`Outcome` as an OpenAI response. Fan-out uses ``asyncio.gather``, so a
@@ -8,14 +12,19 @@ client that disconnects cancels every upstream call.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from ensemble.calibration import combined_score
+from ensemble.errors import ConfigError
 from ensemble.manifest import EnsembleManifest
-from server.engine import Engine, Generation, MixtureStep, SamplingParams, TokenScores
+from ensemble.novelty import novelty
+from ensemble.scores import Score
+from server.engine import BASE, Engine, Generation, MixtureStep, SamplingParams, TokenScores
 from server.errors import InvalidRequestError, ModelNotFoundError
 from server.gate import GateDecision, GatePolicy
 from server.metrics import Metrics
@@ -89,6 +98,13 @@ class EnsembleService:
         self.metrics = metrics
         self.top_n = top_n
         self.log_weights = dict(zip(manifest.member_names, manifest.log_weights(), strict=True))
+        self._template: tuple[int, int] | None = None  # chat template (prefix, suffix) tokens
+        if gate.score_name == Score.COMBINED and manifest.gate.calibration is None:
+            raise ConfigError(
+                "the gate score 'combined' needs in-distribution calibration scores in the "
+                "manifest: run `softspec eval --ensemble DIR --data IN_DISTRIBUTION.jsonl "
+                "--calibrate-gate 0.05` (or retrain), or choose another --gate-score"
+            )
 
     # ------------------------------------------------------------------ models
 
@@ -156,37 +172,91 @@ class EnsembleService:
             raise InvalidRequestError("use stream_tokens for token mode")  # routes guarantee this
         prompt = await self.prompt_ids(job)
         usage = Usage()
-        gens = await self.engine.generate_all(job.members, prompt, job.params)
+        span = await self._content_span(job, prompt)
+        gens, prompt_scores = await asyncio.gather(
+            self.engine.generate_all(job.members, prompt, job.params),
+            self._score_prompt(job.members, prompt, span, usage),
+        )
         generations = [g for per_member in gens for g in per_member]
         usage.prompt_tokens += len(prompt) * len(job.members)
         usage.completion_tokens += sum(len(g.token_ids) for g in generations)
-        cands = await self._cross_score(job.members, prompt, generations, usage)
+        cands, base = await self._cross_score(job.members, prompt, generations, usage)
         lw = renormalised(self.log_weights, job.members)
         outcome = mix(cands, job.members, lw, self.manifest.alpha, job.options.select, self.top_n)
+        answer = cands[outcome.answer]
+        outcome.uncertainty[Score.NOVELTY.value] = novelty(
+            [answer.scores[m].logprobs for m in job.members],
+            base[tuple(answer.generation.token_ids)].logprobs,
+            lw,
+        )
+        outcome.uncertainty[Score.PROMPT_NOVELTY.value] = self._prompt_novelty(
+            job.members, prompt_scores, lw
+        )
         return await self._finish(job, cands, outcome, usage)
+
+    async def _content_span(self, job: Job, prompt: list[int]) -> tuple[int, int]:
+        """[start, end) of the prompt tokens the user wrote: a chat prompt without the
+        template's fixed prefix (system prompt, role header) and suffix (generation
+        prompt), which are the same for every request; a text prompt after its first token.
+        """
+        start, end = 1, len(prompt)
+        if job.prompt and isinstance(job.prompt, list) and isinstance(job.prompt[0], dict):
+            if self._template is None:
+                self._template = await _template_span(self.engine)
+            pre, suf = self._template
+            if pre + suf < len(prompt):
+                start, end = max(1, pre), len(prompt) - suf
+        return start, end
+
+    async def _score_prompt(
+        self, members: Sequence[str], prompt: list[int], span: tuple[int, int], usage: Usage
+    ) -> dict[str, TokenScores]:
+        """The user's prompt tokens under every member and under the base."""
+        start, end = span
+        if end <= start:
+            return {}
+        who = [*members, BASE]
+        todo = {m: [prompt[start:end]] for m in who}
+        res = await self.engine.score_all(prompt[:start], todo, top_n=0)
+        usage.prompt_tokens += end * len(who)
+        return {m: res[m][0] for m in who}
+
+    @staticmethod
+    def _prompt_novelty(
+        members: Sequence[str], scores: dict[str, TokenScores], lw: np.ndarray
+    ) -> float | None:
+        if not scores:
+            return None
+        return novelty([scores[m].logprobs for m in members], scores[BASE].logprobs, lw)
 
     async def _cross_score(
         self, members: Sequence[str], prompt: list[int], gens: list[Generation], usage: Usage
-    ) -> list[Candidate]:
-        """Score every distinct candidate under every member that did not generate it."""
+    ) -> tuple[list[Candidate], dict[tuple[int, ...], TokenScores]]:
+        """Score every distinct candidate under every member that did not generate it, and
+        under the base (actual tokens only); returns the candidates and the base's scores."""
         known: dict[tuple[str, tuple[int, ...]], TokenScores] = {}
         for g in gens:
             known.setdefault((g.member, tuple(g.token_ids)), g.scores)
         unique = list(dict.fromkeys(tuple(g.token_ids) for g in gens))
         todo = {m: [seq for seq in unique if (m, seq) not in known] for m in members}
         todo = {m: seqs for m, seqs in todo.items() if seqs}
-        results = await self.engine.score_all(prompt, todo, self.top_n)
+        results, base = await asyncio.gather(
+            self.engine.score_all(prompt, todo, self.top_n),
+            self.engine.score_all(prompt, {BASE: unique}, top_n=0),
+        )
         usage.prompt_tokens += sum(len(prompt) + len(s) for seqs in todo.values() for s in seqs)
+        usage.prompt_tokens += sum(len(prompt) + len(s) for s in unique)
         for m, seqs in todo.items():
             for seq, s in zip(seqs, results[m], strict=True):
                 known[(m, seq)] = s
-        return [Candidate(g, {m: known[(m, tuple(g.token_ids))] for m in members}) for g in gens]
+        cands = [Candidate(g, {m: known[(m, tuple(g.token_ids))] for m in members}) for g in gens]
+        return cands, dict(zip(unique, base[BASE], strict=True))
 
     async def _finish(
         self, job: Job, cands: list[Candidate], out: MixOutcome, usage: Usage
     ) -> Outcome:
         answer = cands[out.answer].generation
-        uncertainty: dict[str, Any] = dict(out.uncertainty)
+        uncertainty: dict[str, Any] = self._with_combined(dict(out.uncertainty))
         gate = self.gate.decide(uncertainty)
         self._observe(uncertainty, gate)
         texts: dict[int, str] = {}
@@ -230,6 +300,12 @@ class EnsembleService:
             per_token=out.per_token,
         )
 
+    def _with_combined(self, uncertainty: dict[str, Any]) -> dict[str, Any]:
+        """Add the calibrated ``combined`` score (``None`` without calibration data)."""
+        cal = self.manifest.gate.calibration
+        uncertainty[Score.COMBINED.value] = combined_score(cal, uncertainty) if cal else None
+        return uncertainty
+
     def _observe(self, uncertainty: dict[str, Any], gate: GateDecision) -> None:
         self.metrics.epistemic.observe(float(uncertainty["epistemic"]))
         self.metrics.gate.labels(gate.decision).inc()
@@ -260,9 +336,9 @@ class EnsembleService:
         async for step in self.engine.decode_mixture(job.members, lw, prompt, job.params):
             steps.append(step)
             yield step
-        yield self._token_outcome(job, prompt, steps, lw)
+        yield await self._token_outcome(job, prompt, steps, lw)
 
-    def _token_outcome(
+    async def _token_outcome(
         self, job: Job, prompt: list[int], steps: list[MixtureStep], lw: np.ndarray
     ) -> Outcome:
         from ensemble.math import responsibilities
@@ -275,12 +351,15 @@ class EnsembleService:
         L = np.array([sum(s.member_logprobs[m] for s in steps) for m in job.members])
         resp = responsibilities(L, self.manifest.alpha, lw) if steps else np.exp(lw)
         uncertainty: dict[str, Any] = {**mean, "sequence_epistemic": None, "disagreement": None}
+        span = await self._content_span(job, prompt)
+        uncertainty.update(await self._token_novelty(job.members, prompt, span, steps, lw))
+        self._with_combined(uncertainty)
         if job.options.per_token:
             uncertainty["per_token"] = [{"token": s.text, **s.uncertainty} for s in steps]
         gate = self.gate.decide(uncertainty)
         self._observe(uncertainty, gate)
         usage = Usage(
-            prompt_tokens=len(prompt) * len(job.members),
+            prompt_tokens=len(prompt) * (2 * len(job.members) + 1) + len(steps),
             completion_tokens=len(steps) * len(job.members),
         )
         return Outcome(
@@ -296,3 +375,38 @@ class EnsembleService:
             token_texts={s.token_id: s.text for s in steps},
             per_token=per,
         )
+
+    async def _token_novelty(
+        self,
+        members: Sequence[str],
+        prompt: list[int],
+        span: tuple[int, int],
+        steps: list[MixtureStep],
+        lw: np.ndarray,
+    ) -> dict[str, float | None]:
+        """Both base-relative scores of a token-mode answer: one teacher-forced pass of the
+        prompt and the answer under the base; the members' prompt log-probs come from the
+        same batched call, their answer log-probs from the decoding steps."""
+        answer = [s.token_id for s in steps]
+        start, end = span
+        todo: dict[str, list[list[int]]] = {m: [prompt[1:end]] for m in members}
+        todo[BASE] = [prompt[1:] + answer]
+        res = await self.engine.score_all(prompt[:1], todo, top_n=0)
+        base = res[BASE][0].logprobs
+        user = slice(start - 1, end - 1)  # positions of the user's tokens after prompt[0]
+        prompt_lp = [res[m][0].logprobs[user] for m in members]
+        answer_lp = [[s.member_logprobs[m] for s in steps] for m in members]
+        return {
+            Score.PROMPT_NOVELTY.value: novelty(prompt_lp, base[user], lw) if end > start else None,
+            Score.NOVELTY.value: novelty(answer_lp, base[len(prompt) - 1 :], lw) if steps else None,
+        }
+
+
+async def _template_span(engine: Engine) -> tuple[int, int]:
+    """(prefix, suffix) token counts the chat template puts around the user's text, from
+    two probe renderings that differ only in the message."""
+    a = await engine.render_chat([{"role": "user", "content": "x"}])
+    b = await engine.render_chat([{"role": "user", "content": "y z w"}])
+    pre = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), 0)
+    suf = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1], strict=False)) if x != y), 0)
+    return pre, suf

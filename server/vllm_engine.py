@@ -8,7 +8,9 @@ One shared :class:`httpx.AsyncClient` (explicit timeouts) talks to vLLM:
   (``logprobs: N``, tokens as ids), and scores candidates under a member by sending
   prompt + candidate ids with ``max_tokens: 1`` and ``prompt_logprobs: N`` — all of a
   member's candidates in one batched request;
-* ``GET /v1/models`` answers readiness (every versioned adapter name present).
+* ``GET /v1/models`` answers readiness (every versioned adapter name present) and names
+  the base model (the entry without a ``parent``), which scores the base-relative
+  ``novelty`` scores with every adapter off — no extra model is loaded for them.
 
 Connection failures become 503, timeouts 504, vLLM 5xx 502 and vLLM 4xx a 400 carrying
 vLLM's own message; each is counted per member in the metrics.
@@ -25,7 +27,7 @@ import httpx
 import orjson
 
 from ensemble.manifest import EnsembleManifest
-from server.engine import Engine, Generation, ReadyState, SamplingParams, TokenScores
+from server.engine import BASE, Engine, Generation, ReadyState, SamplingParams, TokenScores
 from server.errors import (
     APIError,
     InvalidRequestError,
@@ -66,6 +68,7 @@ class VLLMEngine(Engine):
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._texts: dict[int, str] = {}
+        self._base_id: str | None = None  # vLLM's id of the base model (adapters off)
         self.max_model_len = max_model_len
 
     # ------------------------------------------------------------------ plumbing
@@ -130,14 +133,31 @@ class VLLMEngine(Engine):
             data = await self._call("GET", "/v1/models", "-", "models")
         except APIError as exc:
             return ReadyState(False, exc.message)
+        self._learn_models(data)
         ids = {m.get("id") for m in data.get("data", [])}
-        for m in data.get("data", []):
-            if m.get("max_model_len"):
-                self.max_model_len = int(m["max_model_len"])
         members = {name: self.served(name) in ids for name in self.manifest.member_names}
         missing = [n for n, ok in members.items() if not ok]
         detail = "all members loaded" if not missing else f"adapters not loaded: {missing}"
         return ReadyState(not missing, detail, members)
+
+    def _learn_models(self, data: dict[str, Any]) -> None:
+        """Context length and the base model's id (the entry that is not an adapter)."""
+        adapters = {self.served(m) for m in self.manifest.member_names}
+        for m in data.get("data", []):
+            if m.get("max_model_len"):
+                self.max_model_len = int(m["max_model_len"])
+            if self._base_id is None and not m.get("parent") and m.get("id") not in adapters:
+                self._base_id = str(m["id"])
+
+    async def _model(self, member: str) -> str:
+        """The vLLM model id that runs ``member``; :data:`BASE` is the base model."""
+        if member != BASE:
+            return self.served(member)
+        if self._base_id is None:
+            self._learn_models(await self._call("GET", "/v1/models", BASE, "models"))
+        if self._base_id is None:
+            raise UpstreamError("the engine lists no base model (an entry without a parent)")
+        return self._base_id
 
     async def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         first = self.manifest.member_names[0]
@@ -214,7 +234,7 @@ class VLLMEngine(Engine):
         if not candidates:
             return []
         body = {
-            "model": self.served(member),
+            "model": await self._model(member),
             "prompt": [list(prompt_ids) + list(c) for c in candidates],
             "max_tokens": 1,
             "temperature": 0.0,
@@ -223,10 +243,13 @@ class VLLMEngine(Engine):
         data = await self._call("POST", "/v1/completions", member, "score", body)
         choices = sorted(data["choices"], key=lambda c: c["index"])
         return [
-            self._scored(len(prompt_ids), c, ch) for c, ch in zip(candidates, choices, strict=True)
+            self._scored(len(prompt_ids), c, ch, top_n)
+            for c, ch in zip(candidates, choices, strict=True)
         ]
 
-    def _scored(self, n_prompt: int, cand: Sequence[int], choice: dict[str, Any]) -> TokenScores:
+    def _scored(
+        self, n_prompt: int, cand: Sequence[int], choice: dict[str, Any], top_n: int
+    ) -> TokenScores:
         """The candidate's positions of a prompt_logprobs answer (hot path: plain loops).
 
         Every returned entry is kept: the top-N plus, when it ranks lower, the actual token.
@@ -241,7 +264,7 @@ class VLLMEngine(Engine):
             logprobs.append(float(actual["logprob"]))
             if tok not in self._texts and actual.get("decoded_token") is not None:
                 self._texts[tok] = actual["decoded_token"]
-            tops.append({int(k): v["logprob"] for k, v in entry.items()})
+            tops.append({int(k): v["logprob"] for k, v in entry.items()} if top_n else {})
         return TokenScores(list(cand), logprobs, tops)
 
 

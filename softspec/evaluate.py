@@ -6,7 +6,8 @@ Per prompt it records the answer, every uncertainty score of DESIGN.md §2, the
 responsibilities, and single-model baselines computed in the same run from one member
 (``<ensemble>:<member>`` requests, no mixing):
 
-* ``msp``: −(mean token log-prob of the member's greedy answer) (max sequence probability);
+* ``perplexity``: −(mean token log-prob of the member's greedy answer), the log of the
+  answer's perplexity (lm-polygraph's ``Perplexity`` estimator);
 * ``mean_token_entropy``: mean over the answer of the member's token entropy;
 
 plus the ensemble's ``total`` entropy. Every score is "higher = more uncertain".
@@ -34,14 +35,16 @@ import numpy as np
 
 from ensemble import metrics as M
 from ensemble.atomic import atomic_dir
+from ensemble.calibration import fit_calibration, threshold_for_rate
 from ensemble.errors import ConfigError, DataError
+from ensemble.manifest import GateSpec
 from ensemble.manifest import load as load_manifest
-from ensemble.scores import GATE_SCORES
+from ensemble.scores import COMBINED_COMPONENTS, GATE_SCORES, MIN_CALIBRATION, Score
 from softspec.serving import sigterm_as_interrupt, start_server, stop_server
 
 __all__ = ["BASELINES", "SCORES", "calibrate_gate", "compute_metrics", "evaluate_rows", "run_eval"]
 
-BASELINES = ("msp", "mean_token_entropy")
+BASELINES = ("perplexity", "mean_token_entropy")
 SCORES = (*GATE_SCORES, *BASELINES)
 
 
@@ -75,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="FPR",
-        help="write the score with the best OOD AUROC into the manifest's gate, with the "
-        "threshold that flags this fraction of in-distribution prompts",
+        help="fit the 'combined' gate score from the in-distribution rows only (ood false or "
+        "absent) and write it into the manifest, with the threshold that flags at most this "
+        "fraction of in-distribution prompts (conformal p-values; no OOD data needed)",
     )
     return p
 
@@ -144,7 +148,8 @@ def evaluate_rows(
             "group": row.get("task") or row.get("source") or "",
             "epistemic": u.epistemic, "aleatoric": u.aleatoric, "total": u.total,
             "sequence_epistemic": u.sequence_epistemic, "disagreement": u.disagreement,
-            "msp": -float(np.mean(one_lp)) if one_lp else math.inf,
+            "novelty": u.novelty, "prompt_novelty": u.prompt_novelty, "combined": u.combined,
+            "perplexity": -float(np.mean(one_lp)) if one_lp else math.inf,
             "mean_token_entropy": float(np.mean(one_h)) if one_h else math.inf,
             "confidence": float(math.exp(np.mean(mix_lp))) if mix_lp else 0.0,
             "responsibilities": ens.responsibilities, "gate": ens.gate.decision,
@@ -168,6 +173,9 @@ def compute_metrics(preds: Sequence[dict[str, Any]], members: Sequence[str]) -> 
     graded = [p for p in preds if p["correct"] is not None]
     for s in SCORES:
         entry: dict[str, Any] = {}
+        if any(p.get(s) is None for p in preds):  # not served (e.g. no gate calibration)
+            res["scores"][s] = entry
+            continue
         if ood:
             entry["ood_auroc"] = _safe(M.auroc, [p[s] for p in ood], [p["ood"] for p in ood])
         if graded:
@@ -200,19 +208,26 @@ def compute_metrics(preds: Sequence[dict[str, Any]], members: Sequence[str]) -> 
     return res
 
 
-def calibrate_gate(
-    preds: Sequence[dict[str, Any]], metrics: dict[str, Any], fpr: float
-) -> tuple[str, float]:
-    """The gate score with the best OOD AUROC and the threshold that flags ``fpr`` of the
-    in-distribution prompts (their (1 − fpr) quantile)."""
-    if not 0.0 < fpr < 1.0:
-        raise ConfigError(f"--calibrate-gate {fpr}: the false-positive rate must be in (0, 1)")
-    usable = [s for s in GATE_SCORES if metrics["scores"][s].get("ood_auroc") is not None]
-    if not usable:
-        raise DataError("--calibrate-gate needs rows labelled ood=true and ood=false")
-    best = max(usable, key=lambda s: metrics["scores"][s]["ood_auroc"])
-    ind = np.array([p[best] for p in preds if p["ood"] is False], dtype=np.float64)
-    return best, float(np.quantile(ind, 1.0 - fpr))
+def calibrate_gate(preds: Sequence[dict[str, Any]], rate: float, source: str = "") -> GateSpec:
+    """The ``combined`` gate fitted on the in-distribution predictions only (``ood`` false or
+    absent), with the threshold that flags at most ``rate`` of in-distribution prompts."""
+    if not 0.0 < rate < 1.0:
+        raise ConfigError(f"--calibrate-gate {rate}: the false-positive rate must be in (0, 1)")
+    ind = [p for p in preds if not p.get("ood")]
+    if len(ind) < MIN_CALIBRATION:
+        raise DataError(
+            f"--calibrate-gate needs at least {MIN_CALIBRATION} in-distribution rows "
+            f"(ood false or absent), got {len(ind)}"
+        )
+    cal = fit_calibration(ind, COMBINED_COMPONENTS, source=source)
+    if 1.0 / (cal.n + 1) > rate:
+        raise DataError(
+            f"--calibrate-gate {rate}: with {cal.n} in-distribution rows the smallest "
+            f"attainable flag rate is {1 / (cal.n + 1):.3f}; give more rows or a larger rate"
+        )
+    return GateSpec(
+        score_name=Score.COMBINED.value, threshold=threshold_for_rate(rate), calibration=cal
+    )
 
 
 def _report_md(metrics: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -279,6 +294,12 @@ def _run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.data}: no rows to evaluate")
     for i, row in enumerate(rows):
         _prompt(row, f"{args.data}:{i + 1}")
+    n_ind = sum(1 for r in rows if not r.get("ood"))
+    if args.calibrate_gate is not None and n_ind < MIN_CALIBRATION:
+        raise DataError(
+            f"--calibrate-gate needs at least {MIN_CALIBRATION} in-distribution rows "
+            f"(ood false or absent) in {args.data}, got {n_ind}"
+        )
     proc = None
     url = args.url
     try:
@@ -306,14 +327,11 @@ def _run(args: argparse.Namespace) -> int:
         (tmp / "report.md").write_text(_report_md(metrics, meta))
     print(_report_md(metrics, meta).split("\n\n![")[0])
     if args.calibrate_gate is not None:
-        from ensemble.manifest import GateSpec
-
-        score, threshold = calibrate_gate(preds, metrics, args.calibrate_gate)
-        manifest.model_copy(update={"gate": GateSpec(score_name=score, threshold=threshold)}).save(
-            args.ensemble
-        )
+        gate = calibrate_gate(preds, args.calibrate_gate, source=str(args.data))
+        manifest.model_copy(update={"gate": gate}).save(args.ensemble)
         print(
-            f"gate written to {args.ensemble / 'ensemble.json'}: {score} > {threshold:.4g} is flagged"
+            f"gate written to {args.ensemble / 'ensemble.json'}: combined > {gate.threshold:.4g} "
+            f"is flagged (at most {args.calibrate_gate:.0%} of in-distribution prompts)"
         )
     print(out)
     return 0

@@ -16,10 +16,26 @@ from typing import Any
 
 from ensemble.errors import ConfigError
 from ensemble.manifest import MANIFEST_FILE
+from ensemble.scores import MIN_CALIBRATION
 
-__all__ = ["ALL_LINEAR", "DPOConfig", "SFTConfig", "TrainConfig", "Weights", "run_dir_for"]
+__all__ = [
+    "ALL_LINEAR",
+    "DPOConfig",
+    "PriorInit",
+    "SFTConfig",
+    "TrainConfig",
+    "Weights",
+    "run_dir_for",
+]
 
 ALL_LINEAR = "all-linear"
+
+
+class PriorInit(StrEnum):
+    """Where each member's LoRA B matrices start (training/prior.py)."""
+
+    ZERO = "zero"  # peft's default: every member equals the base at step 0
+    RANDOM = "random"  # B ~ N(0, σ²) per member, σ set by --prior-kl
 
 
 class Weights(StrEnum):
@@ -83,6 +99,34 @@ class TrainConfig:
     group_by_length: bool = _help(
         "batch examples of similar length together (less padding; SFT only)", default=False
     )
+    prompt_loss_weight: float = _help(
+        "weight in [0, 1] of the prompt tokens' log-likelihood in each member's log p "
+        "(SFT; 0 = completion only). The members then also learn what in-distribution "
+        "prompts look like, which the served prompt_novelty score reads",
+        default=0.0,
+    )
+    prior_init: PriorInit = _help(
+        "members' LoRA B init: 'zero' (peft default) or 'random' (scaled by --prior-kl)",
+        default=PriorInit.ZERO,
+    )
+    prior_kl: float = _help(
+        "with --prior-init random: target mean per-token KL(member ‖ base) at step 0, nats",
+        default=0.1,
+    )
+    anchor: float = _help(
+        "λ >= 0 of the anchored-ensemble penalty λ Σ_k ‖θ_k − θ_k⁰‖² toward each member's "
+        "own initial draw (0 = off)",
+        default=0.0,
+    )
+    gate_calibration: int = _help(
+        "distinct prompts held out of --data to calibrate the served 'combined' gate score "
+        "at the end of training (0 = off; skipped when the data has too few prompts)",
+        default=32,
+    )
+    gate_rate: float = _help(
+        "the calibrated gate flags at most this fraction of in-distribution prompts",
+        default=0.05,
+    )
     gradient_checkpointing: bool = _help(
         "recompute activations in the backward pass (K× less activation memory)", default=False
     )
@@ -107,7 +151,29 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.weights = Weights(self.weights)
+        self.prior_init = PriorInit(self.prior_init)
         checks: list[tuple[bool, str]] = [
+            (
+                0.0 <= self.prompt_loss_weight <= 1.0,
+                f"--prompt-loss-weight must be in [0, 1], got {self.prompt_loss_weight}",
+            ),
+            (
+                math.isfinite(self.prior_kl) and self.prior_kl > 0,
+                f"--prior-kl must be > 0 nats, got {self.prior_kl}",
+            ),
+            (
+                math.isfinite(self.anchor) and self.anchor >= 0,
+                f"--anchor must be >= 0, got {self.anchor}",
+            ),
+            (
+                self.gate_calibration == 0 or self.gate_calibration >= MIN_CALIBRATION,
+                f"--gate-calibration must be 0 (off) or >= {MIN_CALIBRATION} prompts, "
+                f"got {self.gate_calibration}",
+            ),
+            (
+                0.0 < self.gate_rate < 1.0,
+                f"--gate-rate must be in (0, 1), got {self.gate_rate}",
+            ),
             (bool(self.data), "--data is required: a JSONL file"),
             (bool(self.out), "--out is required: the ensemble directory to write"),
             (
@@ -158,6 +224,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["weights"] = str(self.weights)
+        d["prior_init"] = str(self.prior_init)
         d["objective"] = self.objective
         return d
 
@@ -221,6 +288,10 @@ class DPOConfig(TrainConfig):
         super().__post_init__()
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
+        if self.prompt_loss_weight:
+            raise ConfigError(
+                "--prompt-loss-weight applies to SFT only (DPO margins cancel the prompt)"
+            )
 
     def check_paths(self) -> None:
         super().check_paths()

@@ -224,7 +224,11 @@ def _report_dropped(path: Path, dropped: int, max_length: int) -> None:
 
 
 def load_sft(
-    path: str | Path, tokenizer: Any, max_length: int, drop_overlong: bool = False
+    path: str | Path,
+    tokenizer: Any,
+    max_length: int,
+    drop_overlong: bool = False,
+    exclude_lines: frozenset[int] = frozenset(),
 ) -> list[SFTExample]:
     """Read, validate and tokenize an SFT file (see the module docstring for formats)."""
     path = Path(path)
@@ -232,6 +236,8 @@ def load_sft(
     out: list[SFTExample] = []
     dropped = 0
     for row in read_rows(path):
+        if row["_line"] in exclude_lines:  # held out (e.g. for the gate's calibration)
+            continue
         where = _where(path, row)
         if "messages" in row:
             ids, labels = enc.encode_messages(_messages(row["messages"], where, "messages"), where)
@@ -259,7 +265,11 @@ def load_sft(
 
 
 def load_dpo(
-    path: str | Path, tokenizer: Any, max_length: int, drop_overlong: bool = False
+    path: str | Path,
+    tokenizer: Any,
+    max_length: int,
+    drop_overlong: bool = False,
+    exclude_lines: frozenset[int] = frozenset(),
 ) -> list[DPOExample]:
     """Read, validate and tokenize a DPO file of {prompt, chosen, rejected} rows."""
     path = Path(path)
@@ -267,6 +277,8 @@ def load_dpo(
     out: list[DPOExample] = []
     dropped = 0
     for row in read_rows(path):
+        if row["_line"] in exclude_lines:  # held out (e.g. for the gate's calibration)
+            continue
         where = _where(path, row)
         for key in ("prompt", "chosen", "rejected"):
             if key not in row:

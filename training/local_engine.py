@@ -24,9 +24,19 @@ import torch
 
 from ensemble.manifest import EnsembleManifest
 from ensemble.math import token_uncertainty
-from server.engine import Engine, Generation, MixtureStep, ReadyState, SamplingParams, TokenScores
+from server.engine import (
+    BASE,
+    Engine,
+    Generation,
+    MixtureStep,
+    ReadyState,
+    SamplingParams,
+    TokenScores,
+)
 
 __all__ = ["LocalEngine"]
+
+PEFT_BASE = "__base__"  # peft's adapter name for "no adapter" in mixed-adapter batches
 
 
 def _top(lp: torch.Tensor, n: int) -> dict[int, float]:
@@ -211,9 +221,8 @@ class LocalEngine(Engine):
         pad = self.tok.pad_token_id
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        logits = self.model(
-            input_ids=ids, attention_mask=mask, adapter_names=[m for m, _ in pairs]
-        ).logits
+        adapters = [PEFT_BASE if m == BASE else m for m, _ in pairs]
+        logits = self.model(input_ids=ids, attention_mask=mask, adapter_names=adapters).logits
         out = []
         p = len(prompt)
         for r, (_, cand) in enumerate(pairs):
@@ -222,7 +231,7 @@ class LocalEngine(Engine):
                 TokenScores(
                     list(cand),
                     [float(lp[t, tok]) for t, tok in enumerate(cand)],
-                    [_top(lp[t], top_n) for t in range(len(cand))],
+                    [_top(lp[t], top_n) if top_n else {} for t in range(len(cand))],
                 )
             )
         return out

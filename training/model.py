@@ -278,12 +278,24 @@ class EnsembleLM(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         members: Sequence[str] | None = None,
+        prompt_weight: float = 0.0,
         **_: Any,
     ) -> SequenceScores:
+        """(K, B) log p_k: completion tokens, plus ``prompt_weight`` × the prompt tokens'
+        log-likelihood when it is > 0 (``--prompt-loss-weight``)."""
+        weights = None
+        if prompt_weight:
+            targets = labels[:, 1:]
+            weights = torch.where(targets != IGNORE, 1.0, prompt_weight)
+            labels = torch.where(attention_mask.bool(), input_ids, IGNORE)
         rows = []
         for name in members or self.members:
             self.activate(name)
-            rows.append(self.sequence_logprob(input_ids, attention_mask, labels))
+            if weights is None:
+                rows.append(self.sequence_logprob(input_ids, attention_mask, labels))
+            else:
+                token_lp, mask = self.token_logprobs(input_ids, attention_mask, labels)
+                rows.append((token_lp * mask * weights.to(token_lp.dtype)).sum(dim=1))
         n_tokens = (labels[:, 1:] != IGNORE).sum(dim=1)
         return SequenceScores(logp=torch.stack(rows), n_tokens=n_tokens)
 

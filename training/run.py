@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,11 @@ from transformers.trainer_callback import ProgressCallback
 
 from ensemble.atomic import atomic_write_json, sha256_file
 from ensemble.errors import ConfigError
-from training.config import DPOConfig, TrainConfig
+from training.config import DPOConfig, PriorInit, TrainConfig
 from training.data import load_dpo, load_sft
 from training.export import LOG_FILE, export_ensemble
 from training.model import EnsembleLM, build_ensemble, load_model, load_tokenizer
+from training.prior import calibration_batch, init_prior
 from training.routing import routing_summary, score_examples
 from training.trainer import (
     DPOTrainerMixin,
@@ -44,6 +46,7 @@ from training.trainer import (
 __all__ = ["TrainResult", "train_ensemble"]
 
 CONFIG_FILE = "run_config.json"
+PRIOR_BATCH = 8  # training examples the prior's KL from the base is measured on
 
 
 @dataclass
@@ -58,16 +61,18 @@ class DPOEnsembleTrainer(DPOTrainerMixin, EnsembleTrainer):
     """EnsembleTrainer with the DPO preference likelihood (see training/dpo.py)."""
 
 
-def _datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any, list[str]]:
+def _datasets(
+    cfg: TrainConfig, tokenizer: Any, held_out: frozenset[int] = frozenset()
+) -> tuple[Any, Any, list[str]]:
     if isinstance(cfg, DPOConfig):
-        train = load_dpo(cfg.data, tokenizer, cfg.max_length, cfg.drop_overlong)
+        train = load_dpo(cfg.data, tokenizer, cfg.max_length, cfg.drop_overlong, held_out)
         evals = (
             load_dpo(cfg.eval_data, tokenizer, cfg.max_length, cfg.drop_overlong)
             if cfg.eval_data
             else None
         )
         return PairDataset(train), PairDataset(evals) if evals else None, [p.group for p in train]
-    train_sft = load_sft(cfg.data, tokenizer, cfg.max_length, cfg.drop_overlong)
+    train_sft = load_sft(cfg.data, tokenizer, cfg.max_length, cfg.drop_overlong, held_out)
     eval_sft = (
         load_sft(cfg.eval_data, tokenizer, cfg.max_length, cfg.drop_overlong)
         if cfg.eval_data
@@ -151,8 +156,18 @@ def train_ensemble(cfg: TrainConfig) -> TrainResult:
 
         init_from_sft(cfg)  # K and the LoRA shape come from the SFT ensemble
     tokenizer = load_tokenizer(cfg.base)
-    train_ds, eval_ds, groups = _datasets(cfg, tokenizer)  # every row checked before loading
+    calibration, held_out = _calibration_split(cfg)
+    train_ds, eval_ds, groups = _datasets(cfg, tokenizer, held_out)  # all checked up front
     ens = build_ensemble(load_model(cfg.base), cfg)
+    prior: dict[str, Any] = {"init": str(cfg.prior_init), "anchor": cfg.anchor}
+    if cfg.prior_init == PriorInit.RANDOM:
+        sft_examples = train_ds.pairs if isinstance(cfg, DPOConfig) else train_ds.examples
+        batch = calibration_batch(
+            [{"input_ids": getattr(e, "chosen", e).input_ids} for e in sft_examples[:PRIOR_BATCH]],
+            PRIOR_BATCH,
+            tokenizer.pad_token_id,
+        )
+        prior.update(init_prior(ens, batch, cfg.prior_kl, cfg.seed))
     if isinstance(cfg, DPOConfig):
         from training.dpo import prepare_dpo
 
@@ -182,11 +197,44 @@ def train_ensemble(cfg: TrainConfig) -> TrainResult:
     training: dict[str, Any] = {}
     if trainer.is_world_process_zero():
         training = _summary(cfg, trainer, ens, train_ds, groups, collate_fn, result, t0)
+        training["prior"] = prior
         export_ensemble(ens, cfg, str(Path(cfg.base).resolve()), cfg.run_dir, training)
+        if calibration:
+            _calibrate(cfg, calibration)
         if not cfg.keep_checkpoints:
             shutil.rmtree(cfg.run_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return TrainResult(Path(cfg.out), steps, time.monotonic() - t0, training.get("routing", {}))
+
+
+def _calibration_split(cfg: TrainConfig) -> tuple[list[list[dict[str, str]]], frozenset[int]]:
+    """Prompts held out for the gate's calibration, and their rows' line numbers."""
+    if not cfg.gate_calibration:
+        return [], frozenset()
+    from training.calibrate import held_out_prompts
+    from training.data import read_rows
+
+    rows = read_rows(cfg.data)
+    n_prompts = len({repr(r.get("prompt", r.get("messages"))) for r in rows})
+    if n_prompts < 5 * cfg.gate_calibration:  # keep at least 80 % of the prompts to train on
+        print(
+            f"softspec train: the gate is not calibrated: {cfg.data} has {n_prompts} distinct "
+            f"prompts, fewer than 5 × --gate-calibration {cfg.gate_calibration}; calibrate "
+            "later with `softspec eval --calibrate-gate`",
+            file=sys.stderr,
+        )
+        return [], frozenset()
+    return held_out_prompts(rows, cfg.gate_calibration, cfg.seed)
+
+
+def _calibrate(cfg: TrainConfig, prompts: list[list[dict[str, str]]]) -> None:
+    """Fit the ``combined`` gate on the held-out prompts and write it into the manifest."""
+    from ensemble.manifest import load as load_manifest
+    from training.calibrate import fit_gate
+
+    out = Path(cfg.out)
+    gate = fit_gate(out, prompts, cfg.gate_rate)
+    load_manifest(out).model_copy(update={"gate": gate}).save(out)
 
 
 def _summary(

@@ -33,6 +33,7 @@ from ensemble.math import update_mixture_weights
 from training.config import TrainConfig, Weights
 from training.data import IGNORE, DPOExample, SFTExample
 from training.loss import preference_logprob, renyi_objective
+from training.prior import anchor_penalty, snapshot
 
 __all__ = [
     "STATE_FILE",
@@ -129,6 +130,9 @@ class EnsembleTrainer(Trainer):
         self._entropy_sum = torch.zeros((), dtype=torch.float64)
         self._seen = torch.zeros((), dtype=torch.float64)
         self._loss_sum = torch.zeros((), dtype=torch.float64)
+        # anchored members: each member's LoRA tensors as drawn (re-drawn identically from
+        # the seed on --resume, before the checkpoint is loaded)
+        self.anchors = snapshot(self.model) if config.anchor else {}
 
     # -- the objective -------------------------------------------------------------
 
@@ -140,6 +144,7 @@ class EnsembleTrainer(Trainer):
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
             labels=inputs["labels"],
+            prompt_weight=self.config.prompt_loss_weight,
         )
         if self.config.normalize_by_length:
             return scores.logp, scores.logp / scores.n_tokens.clamp(min=1).to(scores.logp.dtype)
@@ -155,11 +160,14 @@ class EnsembleTrainer(Trainer):
         ens = self.accelerator.unwrap_model(model)
         logp, routing = self.member_logp(model, inputs)
         out = renyi_objective(logp, self.config.alpha, ens.log_weights, routing)
+        loss = out.loss
         if model.training:
             self._track(out.resp, out.per_example)
             if self.config.weights == Weights.LEARNED:
                 self._update_weights(ens, (logp if routing is None else routing).detach())
-        return (out.loss, out) if return_outputs else out.loss
+            if self.anchors:
+                loss = loss + self.config.anchor * anchor_penalty(ens, self.anchors)
+        return (loss, out) if return_outputs else loss
 
     def _track(self, resp: torch.Tensor, per_example: torch.Tensor) -> None:
         r = resp.double().cpu()

@@ -33,6 +33,8 @@ VOCAB = [
 ]
 EOS = 0
 BOS = 99  # a prompt-only token id (like <|im_start|>), never generated
+BASE_ID = "base"  # the base model's id (adapters off), listed without a parent
+BASE_PERSONALITY = -7
 
 
 def _seed(*parts: object) -> int:
@@ -55,7 +57,7 @@ class FakeVLLM:
 
     def logdist(self, served: str, prefix: list[int]) -> np.ndarray:
         """log q(· | prefix) over VOCAB for one member."""
-        p = self.personalities[served]
+        p = BASE_PERSONALITY if served == BASE_ID else self.personalities[served]
         rng = np.random.default_rng(_seed(p, prefix[-1] if prefix else -1, len(prefix)))
         logits = rng.normal(size=len(VOCAB)) * self.sharp
         logits[EOS] += 0.4 * len(prefix) - 2.0  # answers end after a few tokens
@@ -75,8 +77,11 @@ class FakeVLLM:
                 return failed
         path = request.url.path
         if path == "/v1/models":
-            data = [{"id": "base", "max_model_len": self.max_model_len}]
-            data += [{"id": name, "max_model_len": None} for name in self.personalities]
+            data = [{"id": BASE_ID, "max_model_len": self.max_model_len, "parent": None}]
+            data += [
+                {"id": name, "max_model_len": None, "parent": BASE_ID}
+                for name in self.personalities
+            ]
             return httpx.Response(200, json={"object": "list", "data": data})
         if path == "/tokenize":
             text = json.dumps(body.get("messages")) if "messages" in body else body["prompt"]
@@ -87,7 +92,7 @@ class FakeVLLM:
         if path == "/detokenize":
             return httpx.Response(200, json={"prompt": "".join(VOCAB[t] for t in body["tokens"])})
         if path == "/v1/completions":
-            if body["model"] not in self.personalities:
+            if body["model"] not in self.personalities and body["model"] != BASE_ID:
                 return httpx.Response(
                     404, json={"error": {"message": f"model {body['model']} not found"}}
                 )

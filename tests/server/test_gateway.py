@@ -18,7 +18,7 @@ from ensemble.math import (
     token_uncertainty,
 )
 from ensemble.scores import DEFAULT_GATE_SCORE
-from tests.server.fake_vllm import EOS, VOCAB, FakeVLLM
+from tests.server.fake_vllm import BASE_ID, EOS, VOCAB, FakeVLLM
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -67,7 +67,21 @@ def expected(fake: FakeVLLM, manifest, max_tokens: int, top_n: int = 20) -> dict
             ]
             steps.append(token_uncertainty(align_top_logprobs(tops), lw))
         token_lp.append(float(mixture_logprob(full[:, tok], lw)))
+
+    # base-relative scores, brute force: per-token log q_base − log Σ_k π_k q_k
+    def llr(context: list[int], seq: list[int]) -> list[float]:
+        out = []
+        for t, tok in enumerate(seq):
+            member = [float(fake.logdist(s, context + seq[:t])[tok]) for s in served]
+            mixture = float(np.log(np.sum(np.exp(lw) * np.exp(member))))
+            out.append(float(fake.logdist(BASE_ID, context + seq[:t])[tok]) - mixture)
+        return out
+
     return {
+        "novelty": float(np.mean(llr(prompt, cands[a]))) if cands[a] else None,
+        # the user's tokens: the fake renders json.dumps(messages) word by word, so the chat
+        # template's fixed prefix is BOS + '[{"role":' '"user",' '"content":' (4 tokens)
+        "prompt_novelty": float(np.mean(llr(prompt[:4], prompt[4:]))),
         "answer": a,
         "cands": cands,
         "L": L,
@@ -110,6 +124,9 @@ def test_chat_mixing_matches_brute_force(gateway, top_n: int) -> None:  # type: 
     assert u["total"] == pytest.approx(want["total"], abs=1e-9)
     assert u["sequence_epistemic"] == pytest.approx(want["seq_epi"], abs=1e-9)
     assert u["disagreement"] == pytest.approx(want["disagreement"])
+    assert u["novelty"] == pytest.approx(want["novelty"], abs=1e-9)
+    assert u["prompt_novelty"] == pytest.approx(want["prompt_novelty"], abs=1e-9)
+    assert u["combined"] is None  # this manifest has no gate calibration
     assert [p["epistemic"] for p in u["per_token"]] == pytest.approx(
         [s["epistemic"] for s in want["steps"]], abs=1e-9
     )
@@ -149,8 +166,10 @@ def test_usage_counts_every_generated_and_scored_token(gateway) -> None:  # type
     p, cands = len(want["prompt"]), want["cands"]
     unique = {tuple(c) for c in cands}
     scored = sum(p + len(c) for c in unique for k in range(3) if tuple(cands[k]) != c)
+    base = sum(p + len(c) for c in unique)  # every distinct candidate under the base
+    prompt_scoring = 4 * p  # the prompt under the 3 members and the base (context included)
     assert body["usage"]["completion_tokens"] == sum(len(c) for c in cands)
-    assert body["usage"]["prompt_tokens"] == 3 * p + scored
+    assert body["usage"]["prompt_tokens"] == 3 * p + scored + base + prompt_scoring
     assert (
         body["usage"]["total_tokens"]
         == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
@@ -159,6 +178,9 @@ def test_usage_counts_every_generated_and_scored_token(gateway) -> None:  # type
 
 def test_one_render_and_one_request_per_member_and_stage(gateway) -> None:  # type: ignore[no-untyped-def]
     client, fake, manifest = gateway(k=4)
+    chat(client)  # the first chat request also learns the template's span (two renders)
+    assert [p for p, _ in fake.calls].count("/tokenize") == 3
+    fake.calls.clear()
     chat(client)
     paths = [p for p, _ in fake.calls]
     assert paths.count("/tokenize") == 1
@@ -171,8 +193,14 @@ def test_one_render_and_one_request_per_member_and_stage(gateway) -> None:  # ty
     assert sorted(b["model"] for b in gens) == sorted(
         manifest.served_name(m) for m in manifest.member_names
     )
-    assert len(scores) <= 4 and all(
-        b["max_tokens"] == 1 and b["prompt_logprobs"] == 20 for b in scores
+    cross = [b for b in scores if b["prompt_logprobs"] == 20]
+    assert len(cross) <= 4 and all(b["max_tokens"] == 1 for b in cross)
+    # the base-relative scores: the prompt under each member and the base, and the
+    # candidates under the base, asking for the actual tokens' log-probs only
+    actual_only = [b for b in scores if b["prompt_logprobs"] == 0]
+    assert len(actual_only) == len(scores) - len(cross) == 4 + 1 + 1
+    assert sorted(b["model"] for b in actual_only if len(b["prompt"][0]) > 1) == sorted(
+        [manifest.served_name(m) for m in manifest.member_names] + [BASE_ID] * 2
     )
     assert all(b["prompt"] == gens[0]["prompt"] for b in gens)  # token ids end to end
 
@@ -196,9 +224,12 @@ def test_single_member_model_is_the_baseline(gateway) -> None:  # type: ignore[n
     )
     assert body["choices"][0]["responsibilities"] == {"m1": 1.0}
     assert body["choices"][0]["uncertainty"]["epistemic"] == 0.0
-    assert [b["model"] for p, b in fake.calls if p == "/v1/completions"] == [
-        manifest.served_name("m1")
+    generating = [
+        b["model"]
+        for p, b in fake.calls
+        if p == "/v1/completions" and not isinstance(b["prompt"][0], list)
     ]
+    assert generating == [manifest.served_name("m1")]  # one member generates, no mixing
 
 
 def test_member_subset_and_majority_select(gateway) -> None:  # type: ignore[no-untyped-def]

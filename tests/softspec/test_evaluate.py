@@ -12,12 +12,13 @@ from softspec.evaluate import BASELINES, SCORES, calibrate_gate, compute_metrics
 
 
 def record(
-    ood: bool, correct: bool | None, epi: float, msp: float, group: str, resp: tuple[float, float]
+    ood: bool, correct: bool | None, epi: float, ppl: float, group: str, resp: tuple[float, float]
 ) -> dict:
     return {
         "ood": ood, "correct": correct, "group": group, "confidence": 0.9 if correct else 0.2,
         "epistemic": epi, "aleatoric": 1.0, "total": 1.0 + epi, "sequence_epistemic": epi / 2,
-        "disagreement": 0.0, "msp": msp, "mean_token_entropy": 2.0,
+        "disagreement": 0.0, "novelty": -epi, "prompt_novelty": ppl - epi, "combined": None,
+        "perplexity": ppl, "mean_token_entropy": 2.0,
         "responsibilities": {"m0": resp[0], "m1": resp[1]},
     }  # fmt: skip
 
@@ -37,6 +38,9 @@ def test_metrics_match_the_metric_functions() -> None:
     assert set(m["scores"]) == set(SCORES) and set(BASELINES) <= set(SCORES)
     ood = [p["ood"] for p in PREDS]
     for s in SCORES:
+        if s == "combined":  # not served (no calibration): no metrics rather than a crash
+            assert m["scores"][s] == {}
+            continue
         assert m["scores"][s]["ood_auroc"] == pytest.approx(M.auroc([p[s] for p in PREDS], ood))
     graded = [p for p in PREDS if p["correct"] is not None]
     err = [0.0 if p["correct"] else 1.0 for p in graded]
@@ -78,17 +82,23 @@ def test_eval_rejects_bad_input(tmp_path: Path, capsys) -> None:  # type: ignore
     assert "false-positive rate must be in (0, 1)" in capsys.readouterr().err
 
 
-def test_calibrated_gate_flags_the_requested_share_of_in_distribution() -> None:
-    import numpy as np
+def test_calibrate_gate_fits_combined_from_in_distribution_rows_only() -> None:
+    from ensemble.calibration import combined_score
+    from ensemble.errors import ConfigError, DataError
 
-    from ensemble.errors import ConfigError
-
-    m = compute_metrics(PREDS, ["m0", "m1"])
-    score, threshold = calibrate_gate(PREDS, m, 0.34)
-    gate_scores = ["epistemic", "aleatoric", "total", "sequence_epistemic", "disagreement"]
-    assert score == max(gate_scores, key=lambda s: m["scores"][s]["ood_auroc"])
-    ind = np.array([p[score] for p in PREDS if not p["ood"]])
-    assert threshold == pytest.approx(np.quantile(ind, 0.66))
-    assert (ind > threshold).mean() <= 0.34
+    rows = [record(i % 3 == 0, None, 0.01 * i, 0.5 + 0.02 * i, "a", (0.5, 0.5)) for i in range(60)]
+    gate = calibrate_gate(rows, 0.1, source="test")
+    ind = [r for r in rows if not r["ood"]]
+    assert gate.score_name == "combined" and gate.threshold == pytest.approx(0.9)
+    assert gate.calibration is not None and gate.calibration.n == len(ind) == 40
+    # only in-distribution values were used: OOD rows' scores are not in the calibration
+    assert gate.calibration.scores["novelty"] == sorted(r["novelty"] for r in ind)
+    # on its own calibration rows the gate flags no more than the requested share
+    flagged = [combined_score(gate.calibration, r) > gate.threshold for r in ind]  # type: ignore[operator]
+    assert sum(flagged) / len(ind) <= 0.1
     with pytest.raises(ConfigError):
-        calibrate_gate(PREDS, m, 1.5)
+        calibrate_gate(rows, 1.5)
+    with pytest.raises(DataError, match="at least 20 in-distribution rows"):
+        calibrate_gate(rows[:12], 0.1)
+    with pytest.raises(DataError, match="smallest attainable flag rate"):
+        calibrate_gate(rows, 0.01)

@@ -199,3 +199,58 @@ def test_gateway_package_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _full_vocab_logprobs(engine: LocalEngine, adapter: str | None, ids: list[int]) -> np.ndarray:
+    """(T-1,) log q(ids[t] | ids[:t]) over the full vocabulary, one adapter or the base."""
+    model = engine.model
+    with torch.no_grad():
+        if adapter is None:
+            with model.disable_adapter():
+                logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        else:
+            model.set_adapter(adapter)
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    lp = torch.log_softmax(logits[:-1], -1)
+    return lp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+
+
+@pytest.mark.parametrize("decode", ["sequence", "token"])
+def test_base_relative_scores_match_full_vocabulary_brute_force(
+    local, tiny_ensemble: Path, decode: str
+) -> None:  # type: ignore[no-untyped-def]
+    """novelty / prompt_novelty: members vs the base (adapters off) on the served answer and
+    on the user's prompt tokens, recomputed with one full forward pass per adapter."""
+    client, engine = local
+    body = chat(client, "ens", max_tokens=8, temperature=0, ensemble={"decode": decode})
+    u = body["choices"][0]["uncertainty"]
+    manifest = load_manifest(tiny_ensemble)
+    lw = manifest.log_weights()
+    prompt = engine.tok.apply_chat_template(
+        QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    answer = engine.tok(body["choices"][0]["message"]["content"], add_special_tokens=False)[
+        "input_ids"
+    ]
+    if body["choices"][0]["finish_reason"] == "stop":
+        answer = [*answer, engine.tok.eos_token_id]
+    full = prompt + answer
+    base = _full_vocab_logprobs(engine, None, full)
+    members = np.stack([_full_vocab_logprobs(engine, m, full) for m in manifest.member_names])
+    llr = base - np.log(np.exp(lw) @ np.exp(members))  # per predicted token
+    # the user's span: the tokens outside it are the same for any other message
+    import asyncio
+
+    from server.service import _template_span
+
+    pre, suf = asyncio.run(_template_span(engine))
+    n = len(prompt)
+    assert QUESTION[0]["content"] in engine.tok.decode(prompt[pre : n - suf])
+    other = asyncio.run(engine.render_chat([{"role": "user", "content": "hello there"}]))
+    assert other[:pre] == prompt[:pre] and other[len(other) - suf :] == prompt[n - suf :]
+    assert u["prompt_novelty"] == pytest.approx(
+        float(np.mean(llr[pre - 1 : n - suf - 1])), abs=1e-6
+    )
+    assert u["novelty"] == pytest.approx(float(np.mean(llr[n - 1 :])), abs=1e-6)
+    assert abs(u["novelty"]) > 1e-4  # trained members really differ from the base

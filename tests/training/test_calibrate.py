@@ -1,0 +1,84 @@
+"""`softspec train` calibrates the served `combined` gate on prompts it held out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ensemble.errors import ConfigError
+from ensemble.manifest import load as load_manifest
+from server.app import create_app
+from server.settings import Settings
+from softspec.cli import main
+from tests.training.test_trainer import FAST
+from training.local_engine import LocalEngine
+
+WORDS = ["red", "green", "blue", "one", "two", "three", "yes", "no", "maybe", "fox", "dog"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cal")
+    rows = []
+    for i in range(110):  # 110 distinct prompts: 22 of them can be held out (≤ 20 %)
+        q = f"say {WORDS[i % 11]} {WORDS[(i // 11) % 11]} {i}"
+        rows.append({"prompt": [{"role": "user", "content": q}],
+                     "completion": [{"role": "assistant", "content": WORDS[i % 11]}]})  # fmt: skip
+    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = root / "ens"
+    code = main(["train", "sft", "--base", str(tiny_llama_dir), "--data", str(root / "d.jsonl"),
+                 "--out", str(out), "--members", "2", "--max-steps", "2", "--batch-size", "8",
+                 "--gate-calibration", "20", "--gate-rate", "0.1", *FAST])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_train_writes_a_calibrated_combined_gate_from_held_out_prompts(calibrated: Path) -> None:
+    manifest = load_manifest(calibrated)
+    gate = manifest.gate
+    assert gate.score_name == "combined" and gate.threshold == pytest.approx(0.9)
+    assert gate.calibration is not None and gate.calibration.n == 20
+    assert set(gate.calibration.components) == {"prompt_novelty", "novelty"}
+    assert manifest.training["examples"] == 110 - 20  # the held-out prompts were not trained on
+
+
+def test_the_gateway_serves_the_calibrated_gate(calibrated: Path) -> None:
+    manifest = load_manifest(calibrated)
+
+    def factory(man, metrics):  # type: ignore[no-untyped-def]
+        return LocalEngine(calibrated, man)
+
+    settings = Settings(ensemble=calibrated, engine="local")  # type: ignore[call-arg]
+    with TestClient(create_app(settings, factory)) as client:
+        body = client.post(
+            "/v1/chat/completions",
+            json={"model": manifest.name, "messages": [{"role": "user", "content": "say red"}],
+                  "max_tokens": 4, "temperature": 0},
+        ).json()  # fmt: skip
+    u, gate = body["choices"][0]["uncertainty"], body["gate"]
+    from ensemble.calibration import combined_score
+
+    assert u["combined"] == pytest.approx(combined_score(manifest.gate.calibration, u))  # type: ignore[arg-type]
+    assert gate["score_name"] == "combined" and gate["score"] == pytest.approx(u["combined"])
+    assert gate["decision"] == ("pass" if u["combined"] <= 0.9 else "flag")
+
+
+def test_a_combined_gate_without_calibration_refuses_to_start(
+    calibrated: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    copy = tmp_path / "ens"
+    shutil.copytree(calibrated, copy)
+    manifest = load_manifest(copy)
+    gate = manifest.gate.model_copy(update={"calibration": None})
+    manifest.model_copy(update={"gate": gate}).save(copy)
+    settings = Settings(ensemble=copy, engine="local")  # type: ignore[call-arg]
+    with (
+        pytest.raises(ConfigError, match="softspec eval .*--calibrate-gate"),
+        TestClient(create_app(settings, lambda man, metrics: LocalEngine(copy, man))),
+    ):
+        pass
