@@ -105,11 +105,13 @@ class EngineSupervisor:
     def status(self) -> dict[str, Any]:
         """The engine's part of ``/health``."""
         down_for = None if self.down_since is None else time.monotonic() - self.down_since
+        startup = getattr(self.process, "startup_seconds", None)
         return {
             "state": self.state,
             "detail": self.detail,
             "restarts": self.restarts,
             "down_for_s": None if down_for is None else round(down_for, 1),
+            "last_start_s": None if startup is None else round(startup, 1),
             "supervised": self.process is not None,
         }
 

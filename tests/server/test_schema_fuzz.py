@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from fastapi import FastAPI
@@ -29,7 +30,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server.vllm_engine import VLLMEngine
 from tests.server.conftest import make_manifest
-from tests.server.fake_vllm import FakeVLLM
+from tests.server.fake_vllm import BOS, VOCAB, FakeVLLM
 
 BUDGET = int(os.environ.get("SOFTSPEC_FUZZ_CASES", "2000"))
 MINIMUM = 2_000
@@ -39,12 +40,30 @@ BASE = "http://testserver"
 SHARE = {"/v1/chat/completions": 0.5, "/v1/completions": 0.5}
 
 
+def like_vllm(fake: FakeVLLM) -> httpx.MockTransport:
+    """The fake, plus the input check of real vLLM it lacks: token ids outside the
+    vocabulary are a 400 ("Token id N is out of vocabulary"), not a crash of the model."""
+    known = set(range(len(VOCAB))) | {BOS}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/completions" and request.content:
+            prompt = json.loads(request.content).get("prompt")
+            rows = prompt if prompt and isinstance(prompt[0], list) else [prompt]
+            bad = [t for row in rows if isinstance(row, list) for t in row if t not in known]
+            if bad:
+                message = f"Token id {max(bad)} is out of vocabulary"
+                return httpx.Response(400, json={"error": {"message": message}})
+        return fake.handler(request)
+
+    return httpx.MockTransport(handler)
+
+
 def app_of(root: Path) -> FastAPI:
     manifest = make_manifest(root, 2)
     fake = FakeVLLM({manifest.served_name(m): i for i, m in enumerate(manifest.member_names)})
 
     def engine(man: EnsembleManifest, metrics: Metrics) -> VLLMEngine:
-        return VLLMEngine("http://vllm", man, metrics=metrics, transport=fake.transport())
+        return VLLMEngine("http://vllm", man, metrics=metrics, transport=like_vllm(fake))
 
     cfg = Settings(ensemble=root, max_model_len=256, max_body_bytes=64_000,
                    max_prompt_chars=2_000)  # fmt: skip
