@@ -48,3 +48,13 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The docker compose stack for real (tests/deploy/test_compose_e2e.py, deploy/README.md):
+# build both images, fill the volume, up, chat + stream via the openai SDK, restart vLLM,
+# down -v. Needs a Docker engine; 10-25 min on 2 cores, so not part of `make test`/CI.
+# Machines without Docker Hub: deploy/local-docker.sh test (sets up dockerd, then this).
+.PHONY: deploy-test
+deploy-test: install
+	@docker info >/dev/null 2>&1 || { echo "deploy-test: no Docker engine reachable" \
+		"(machines without Docker Hub: deploy/local-docker.sh test)" >&2; exit 1; }
+	DEPLOY_E2E=1 $(PY) -m pytest -x -q -rs -p no:cacheprovider tests/deploy/test_compose_e2e.py

@@ -150,8 +150,9 @@ def standalone_args(root: Path, host: str, port: int) -> list[str]:
 def build_args(root: Path, host: str, port: int, standalone: bool) -> list[str]:
     if not (root / "ensemble.json").is_file():
         raise ArgsError(
-            f"{root}/ensemble.json not found: populate the data volume first "
-            "(softspec train ... --out /data/ensemble; see deploy/README.md)"
+            f"{root}/ensemble.json not found: fill the data volume first with "
+            "`docker compose -f deploy/compose.yaml run --rm populate` (Kubernetes: "
+            "`kubectl apply -f deploy/k8s/populate-job.yaml`; see deploy/README.md)"
         )
     if not standalone:
         try:

@@ -7,12 +7,16 @@ start-up shell line is run with a stand-in for vLLM.
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -385,8 +389,12 @@ def test_compose_gateway_reaches_the_vllm_service() -> None:
     assert parts.port == port
     assert str(port) in [str(p) for p in vllm.get("expose", [])]
     assert f"127.0.0.1:{port}/health" in " ".join(vllm["healthcheck"]["test"])
-    dep = services["gateway"]["depends_on"][parts.hostname]
-    assert dep["condition"] == "service_healthy"
+    # started, not healthy: the gateway must come up (and report not-ready) without vLLM,
+    # or an empty data volume would leave `up` waiting on a vLLM that never gets healthy
+    deps = services["gateway"]["depends_on"]
+    assert parts.hostname in deps
+    if isinstance(deps, dict):
+        assert deps[parts.hostname].get("condition") != "service_healthy"
 
 
 def test_k8s_gateway_reaches_the_vllm_service() -> None:
@@ -427,11 +435,15 @@ def test_k8s_gateway_port_probes_and_scrape_annotations() -> None:
     assert port in ports.values()
 
     def probe_port(probe: dict[str, Any]) -> int:
+        if "exec" in probe:
+            (url,) = re.findall(r"http://127\.0\.0\.1:(\d+)/", " ".join(probe["exec"]["command"]))
+            return int(url)
         p = probe["httpGet"]["port"]
         return int(ports[p]) if isinstance(p, str) else int(p)
 
     assert probe_port(c["readinessProbe"]) == port
     assert probe_port(c["livenessProbe"]) == port
+    assert probe_port(c["startupProbe"]) == port
     ann = dep["spec"]["template"]["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true"
     assert int(ann["prometheus.io/port"]) == port
@@ -492,7 +504,10 @@ def gateway_probe_paths() -> dict[str, str]:
     (paths["compose healthcheck"],) = re.findall(r"http://127\.0\.0\.1:\d+(/[\w/]*)", hc)
     dep = k8s_find("Deployment", "softspec-gateway")
     c = only_container(dep)
-    paths["k8s readinessProbe"] = c["readinessProbe"]["httpGet"]["path"]
+    (paths["k8s readinessProbe"],) = re.findall(
+        r"http://127\.0\.0\.1:\d+(/[\w/]*)", " ".join(c["readinessProbe"]["exec"]["command"])
+    )
+    paths["k8s startupProbe"] = c["startupProbe"]["httpGet"]["path"]
     paths["k8s livenessProbe"] = c["livenessProbe"]["httpGet"]["path"]
     paths["k8s scrape annotation"] = dep["spec"]["template"]["metadata"]["annotations"][
         "prometheus.io/path"
@@ -511,7 +526,7 @@ def test_probes_hit_gateway_routes() -> None:
     for who, path in paths.items():
         assert path in open_paths | keyed_paths, f"{who}: {path} is not a gateway route"
     assert paths["k8s readinessProbe"] == "/ready"
-    assert paths["k8s livenessProbe"] == "/health"
+    assert paths["k8s livenessProbe"] == paths["k8s startupProbe"] == "/health"
     assert paths["compose healthcheck"] == "/health"
     assert paths["prometheus.yml"] == paths["k8s scrape annotation"] == "/metrics"
     # liveness must not depend on API keys, or enabling auth would restart every pod
@@ -729,24 +744,177 @@ def dockerfile_instructions() -> list[tuple[str, list[str]]]:
     return out
 
 
+def dockerfile_stages() -> dict[str, list[tuple[str, list[str]]]]:
+    """Instructions per stage, in file order; the key is the stage name (``FROM x AS name``)."""
+    stages: dict[str, list[tuple[str, list[str]]]] = {}
+    current: list[tuple[str, list[str]]] | None = None
+    for op, args in dockerfile_instructions():
+        if op == "FROM":
+            assert len(args) == 3 and args[1].upper() == "AS", f"unnamed stage: FROM {args}"
+            current = stages[args[2]] = [(op, args)]
+        elif current is not None:
+            current.append((op, args))
+    return stages
+
+
+def dockerfile_arg_defaults() -> dict[str, str]:
+    out = {}
+    for op, args in dockerfile_instructions():
+        if op == "ARG" and "=" in args[0]:
+            k, _, v = args[0].partition("=")
+            out[k] = v
+    return out
+
+
+def stage_parents(stages: dict[str, list[tuple[str, list[str]]]], name: str) -> list[str]:
+    """The stage chain a target needs: its FROM ancestors and COPY --from sources."""
+    need, todo = [], [name]
+    while todo:
+        n = todo.pop()
+        if n in need or n not in stages:
+            continue
+        need.append(n)
+        for op, args in stages[n]:
+            if op == "FROM":
+                todo.append(args[0])
+            if op == "COPY":
+                todo += [a.split("=", 1)[1] for a in args if a.startswith("--from=")]
+    return need
+
+
+def pip_installs(stage: list[tuple[str, list[str]]]) -> list[str]:
+    """The project extras a stage's RUN lines install: ``.[serve]`` or ``<wheel>[serve]``."""
+    found = []
+    for op, args in stage:
+        if op == "RUN":
+            found += re.findall(r"(?:\s\.|\.whl\))\[([\w,]+)\]", " " + " ".join(args))
+    return found
+
+
+def builds_project(stage: list[tuple[str, list[str]]]) -> bool:
+    """The stage builds the project from source (``pip wheel .`` / ``pip install .``)."""
+    runs = " ".join(" ".join(args) for op, args in stage if op == "RUN")
+    return bool(re.search(r"pip (wheel|install)\b[^&;]*\s\.(\[|\s|$)", runs))
+
+
 def test_dockerfile_copies_existing_files_and_every_package() -> None:
-    copies = [args for op, args in dockerfile_instructions() if op in {"COPY", "ADD"}]
-    assert copies
-    sources: set[str] = set()
-    for args in copies:
-        args = [a for a in args if not a.startswith("--")]
-        for src in args[:-1]:
-            assert (REPO / src).exists(), f"Dockerfile copies {src}, which does not exist"
-            sources.add(src.rstrip("/"))
+    stages = dockerfile_stages()
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     packages = {
         p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     }
-    assert "pyproject.toml" in sources
-    missing = packages - sources
-    assert not missing, f"the image's `pip install .` needs {missing}, which it does not copy"
-    workdirs = [args[0] for op, args in dockerfile_instructions() if op == "WORKDIR"]
-    assert workdirs[-1] == str(Path(IMAGE_HELPER).parent.parent)  # vllm-args.py's root
+    builders = [n for n, st in stages.items() if builds_project(st)]
+    assert builders, "no stage installs the project"
+    for name, stage in stages.items():
+        sources: set[str] = set()
+        for op, args in stage:
+            if op not in {"COPY", "ADD"} or any(a.startswith("--from=") for a in args):
+                continue
+            for src in [a for a in args if not a.startswith("--")][:-1]:
+                assert (REPO / src).exists(), f"Dockerfile copies {src}, which does not exist"
+                sources.add(src.rstrip("/"))
+        if name in builders:
+            assert "pyproject.toml" in sources, name
+            missing = packages - sources
+            assert not missing, f"{name}: `pip install .` needs {missing}, which it does not copy"
+    # vllm-args.py and populate.sh live in /app/deploy of both images
+    runtime = stages["runtime"]
+    (workdir,) = [args[0] for op, args in runtime if op == "WORKDIR"]
+    assert workdir == str(Path(IMAGE_HELPER).parent.parent)  # vllm-args.py's root
+    copied = [a for op, args in runtime if op == "COPY" for a in args]
+    assert {"deploy/vllm-args.py", "deploy/populate.sh"} <= set(copied)
+    assert copied[-1] == "deploy/"
+    for target in ("gateway", "full"):
+        assert "runtime" in stage_parents(stages, target), target
+
+
+def test_dockerfile_targets_and_the_lean_gateway() -> None:
+    stages = dockerfile_stages()
+    names = list(stages)
+    assert names[-1] == "full", "the default target (last stage) is the full image"
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    gateway_chain = stage_parents(stages, "gateway")
+    assert "full-build" not in gateway_chain
+    installs = [x for n in gateway_chain for x in pip_installs(stages[n])]
+    assert installs == ["serve"], installs
+    heavy = re.compile(r"^(torch|transformers|vllm|peft|accelerate)\b")
+    assert not [r for r in extras["serve"] if heavy.match(r)], extras["serve"]
+    # the classic builder (no BuildKit) builds every stage before the target in file order:
+    # the gateway's stages must all come before the full image's build stage
+    assert max(names.index(n) for n in gateway_chain) < names.index("full-build")
+    full_installs = [x for n in stage_parents(stages, "full") for x in pip_installs(stages[n])]
+    assert "serve,train" in full_installs
+    # deploy/local/ (CA certificates, wheels) reaches build stages only, never an image
+    for target in ("gateway", "full"):
+        for n in stage_parents(stages, target):
+            copies_local = any(
+                op == "COPY" and "deploy/local/" in args and not args[0].startswith("--from=")
+                for op, args in stages[n]
+            )
+            assert not copies_local or n.endswith("build") or n == "pip-base", n
+        # the final stages only copy the built virtual environment
+        assert [op for op, _ in stages[target][1:]] == ["COPY"], stages[target]
+
+
+def test_local_build_files_stay_out_of_git() -> None:
+    ignore = (DEPLOY / "local" / ".gitignore").read_text().split()
+    assert ignore[0] == "*" and set(ignore[1:]) <= {"!.gitignore", "!README.md"}
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        return
+    for name in ("host-ca-certificates.crt", "torch-2.13.0+cpu-cp311-cp311-any.whl"):
+        out = subprocess.run(
+            ["git", "check-ignore", "-q", f"deploy/local/{name}"], cwd=REPO, check=False
+        )
+        assert out.returncode == 0, f"deploy/local/{name} is not git-ignored"
+    dockerignore = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in dockerignore and ".git" in dockerignore
+
+
+def test_compose_build_args_match_the_dockerfile() -> None:
+    defaults = dockerfile_arg_defaults()
+    stages = dockerfile_stages()
+    services = compose()["services"]
+    builds = {n: s["build"] for n, s in services.items() if "build" in s}
+    assert {b["target"] for b in builds.values()} == {"gateway", "full"}
+    for name, b in builds.items():
+        assert b["target"] in stages, name
+        for arg, value in b.get("args", {}).items():
+            assert arg in defaults, f"{name}: build arg {arg} is not an ARG of the Dockerfile"
+            assert compose_default(value) == defaults[arg], (name, arg)
+    images = {b["target"]: services[n]["image"] for n, b in builds.items()}
+    assert services["vllm"]["image"] == services["populate"]["image"] == images["full"]
+    assert services["gateway"]["image"] == images["gateway"]
+
+
+def test_compose_file_works_with_compose_v1() -> None:
+    """Compose v1.29 (Debian's) rejects keys v2 added, e.g. a top-level ``name:``."""
+    top = set(compose()) | set(compose_gpu())
+    allowed = {"services", "volumes", "networks", "configs", "secrets"}
+    assert {k for k in top if not k.startswith("x-")} <= allowed, top
+    assert "version" not in top  # v2 warns on it; v1.29 does not need it
+    for doc in (compose(), compose_gpu()):
+        for vol in (doc.get("volumes") or {}).values():
+            # a fixed volume name would be shared (and `down -v`-ed) by every project
+            assert not (vol or {}).get("name"), vol
+
+
+@pytest.mark.parametrize("cmd", [["docker-compose"], ["docker", "compose"]], ids=["v1", "v2"])
+def test_compose_config_is_accepted(cmd: list[str], tmp_path: Path) -> None:
+    if shutil.which(cmd[0]) is None:
+        pytest.skip(f"{' '.join(cmd)} is not installed")
+    if len(cmd) == 2:
+        probe = subprocess.run([*cmd, "version"], capture_output=True, check=False)
+        if probe.returncode != 0:
+            pytest.skip("docker compose (v2) is not installed")
+    for files in ([COMPOSE], [COMPOSE, COMPOSE_GPU]):
+        args = [a for f in files for a in ("-f", str(f))]
+        out = subprocess.run(
+            [*cmd, *args, "--profile", "tools", "--profile", "monitoring", "config", "-q"],
+            capture_output=True, text=True, cwd=tmp_path, env=clean_env(), timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
 
 
 def test_compose_builds_the_repository_dockerfile() -> None:
@@ -786,3 +954,150 @@ def test_gpu_override() -> None:
     ens = Path(IMAGE_HELPER).parent.parent / "ensemble"
     assert any(m[1] == str(ens) and (DEPLOY / m[0]).resolve() == REPO / "ensemble" for m in mounts)
     assert "entrypoint" not in vllm, "the base start-up line (python3, set -e) must apply"
+
+
+# ---------------------------------------------------------------------------- data volume
+
+FILL_HINTS = {
+    "compose": "docker compose -f deploy/compose.yaml run --rm populate",
+    "k8s": "kubectl apply -f deploy/k8s/populate-job.yaml",
+}
+
+
+def fake_softspec(tmp_path: Path) -> tuple[Path, Path]:
+    """A ``softspec`` on PATH that appends its argv (one call per line) to a file."""
+    bindir, record = tmp_path / "fakebin", tmp_path / "softspec-calls.txt"
+    bindir.mkdir()
+    (bindir / "softspec").write_text(f'#!/bin/sh\necho "$*" >> {shlex.quote(str(record))}\n')
+    (bindir / "softspec").chmod(0o755)
+    return bindir, record
+
+
+def gateway_start() -> dict[str, tuple[list[str], list[str]]]:
+    """The gateway containers' start-up: (entrypoint/command, command/args) as the shell gets them."""
+    gw = compose()["services"]["gateway"]
+    k8s = only_container(k8s_find("Deployment", "softspec-gateway"))
+    entry = [compose_unescape(a) for a in gw["entrypoint"]]
+    return {"compose": (entry, list(gw["command"])), "k8s": (k8s["command"], list(k8s["args"]))}
+
+
+@pytest.mark.parametrize("where", ["compose", "k8s"])
+def test_gateway_waits_for_the_data_volume(where: str, tmp_path: Path) -> None:
+    """Empty volume: one line naming the fill command, then a wait (no exit, no loop)."""
+    entry, cmd = gateway_start()[where]
+    assert entry[:2] == ["sh", "-c"] and cmd[0] == "serve"
+    root = tmp_path / "ensemble"
+    script = entry[2].replace(IMAGE_ENSEMBLE, str(root))
+    bindir, record = fake_softspec(tmp_path)
+    env = clean_env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen(
+        ["sh", "-c", script, *entry[3:], *cmd], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        time.sleep(2)
+        assert proc.poll() is None, "the gateway start-up exited on an empty volume"
+        assert not record.exists()
+        root.mkdir()
+        (root / "ensemble.json").write_text("{}")
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0
+    (line,) = out.splitlines()
+    assert FILL_HINTS[where] in line
+    assert record.read_text().split() == cmd  # `exec softspec "$@"`: the command, unchanged
+
+
+def test_vllm_names_the_fill_command(tmp_path: Path) -> None:
+    out = run_helper(tmp_path / "empty")
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
+    for hint in FILL_HINTS.values():
+        assert hint in out.stderr
+    assert "populate" in compose()["services"]
+
+
+def test_populate_script(tmp_path: Path) -> None:
+    populate = DEPLOY / "populate.sh"
+    assert os.access(populate, os.X_OK)
+    in_image = str(Path(IMAGE_HELPER).parent / populate.name)
+    assert compose()["services"]["populate"]["entrypoint"] == [in_image]
+    job = only_container(load(K8S / "populate-job.yaml")[0])
+    assert job["command"] == [in_image]
+    bindir, record = fake_softspec(tmp_path)
+    env = clean_env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    out = subprocess.run(
+        [str(populate), "--members", "2", "--max-steps", "2"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    calls = record.read_text().splitlines()
+    assert calls[0].startswith("model export-default --out /data/models/")
+    assert calls[1] == "data build"
+    train = calls[2].split()
+    assert train[:2] == ["train", "sft"] and flag(train, "--out") == IMAGE_ENSEMBLE
+    assert flag(train, "--base") == flag(calls[0].split(), "--out")
+    assert train[-4:] == ["--members", "2", "--max-steps", "2"]  # the last one wins
+    # what it writes is what the serving side reads
+    assert "/data/data/sft_topics_train.jsonl" in train
+
+
+# ---------------------------------------------------------------------------- kubernetes
+
+
+class _ReadyHandler(http.server.BaseHTTPRequestHandler):
+    key: str | None = None
+
+    def do_GET(self) -> None:
+        wanted = None if self.key is None else f"Bearer {self.key}"
+        ok = self.path == "/ready" and self.headers.get("Authorization") == wanted
+        self.send_response(200 if ok else 401)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("server_key", "env_keys", "ready"),
+    [(None, "", True), ("k1", "k1,k2", True), ("k1", "", False), ("k1", "other", False)],
+)
+def test_k8s_readiness_probe_works_with_api_keys(
+    server_key: str | None, env_keys: str, ready: bool
+) -> None:
+    c = only_container(k8s_find("Deployment", "softspec-gateway"))
+    command = c["readinessProbe"]["exec"]["command"]
+    handler = type("H", (_ReadyHandler,), {"key": server_key})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        local = [a.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for a in command]
+        assert local != command
+        if local[0] == "python3":
+            local[0] = sys.executable
+        out = subprocess.run(
+            local, capture_output=True, env=clean_env(SOFTSPEC_API_KEYS=env_keys), timeout=30,
+            check=False,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (out.returncode == 0) is ready, out.stderr
+
+
+def test_k8s_resources_and_replicas() -> None:
+    deployments = {d["metadata"]["name"]: d for d in k8s_docs() if d["kind"] == "Deployment"}
+    for name, dep in deployments.items():
+        for c in containers(dep):
+            req = c.get("resources", {}).get("requests", {})
+            assert {"cpu", "memory"} <= set(req), f"{name}/{c['name']}: no resource requests"
+    job = only_container(load(K8S / "populate-job.yaml")[0])
+    assert {"cpu", "memory"} <= set(job["resources"]["requests"])
+    (kust,) = load(K8S / "kustomization.yaml")
+    counts = {r["name"]: r["count"] for r in kust["replicas"]}
+    assert set(counts) == set(deployments), counts
+    for name, n in counts.items():
+        assert n == deployments[name]["spec"]["replicas"], name
+    assert "N vLLM replicas" in (DEPLOY / "README.md").read_text()
