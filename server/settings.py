@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         default=3, gt=0, description="failed health checks in a row that mean vLLM is down"
     )
     vllm_restart_backoff: float = Field(
-        default=1.0, gt=0, description="first restart delay; doubles per failed attempt (≤ 30 s)"
+        default=1.0, gt=0, description="delay after a failed restart; doubles per failure (≤ 30 s)"
     )
 
     @field_validator("api_keys", "vllm_args", mode="before")

@@ -4,8 +4,8 @@ One task per gateway (started in the app's lifespan) probes the engine every
 ``interval`` seconds. With a child process (``softspec serve`` without ``--vllm-url``):
 
 * the child exited, or ``failures`` health checks in a row failed → the engine is *down*;
-  the child is killed (its whole process group) and started again on the same port, after
-  ``backoff`` seconds, doubling per failed attempt (at most 30 s);
+  the child is killed (its whole process group) and started again on the same port: at
+  once, then after ``backoff`` seconds, doubling per failed attempt (at most 30 s);
 * ``max_restarts`` failed attempts in a row → *failed*: ``on_give_up`` is called (the
   CLI stops the gateway with a non-zero exit code, so an outer supervisor takes over).
 
@@ -149,7 +149,8 @@ class EngineSupervisor:
     async def _restart(self) -> None:
         assert self.process is not None
         for attempt in range(1, self.max_restarts + 1):
-            delay = min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF)
+            # the first attempt at once (a crash is usually a one-off), then backing off
+            delay = 0.0 if attempt == 1 else min(self.backoff * 2 ** (attempt - 2), MAX_BACKOFF)
             self.detail = f"restart {attempt}/{self.max_restarts} in {delay:g} s"
             await asyncio.sleep(delay)
             self.state = "restarting"
