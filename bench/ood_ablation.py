@@ -198,6 +198,9 @@ def main() -> None:
     ap.add_argument("--conflict", type=int, default=10, help="sft_conflict_test prompts")
     ap.add_argument("--novel-prompts", type=int, default=0, help="novel-kind prompts (0 = all)")
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument(
+        "--pairs", type=int, default=80, help="held-out examples for routing MI and val NLL"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     unknown = set(args.recipes.split(",")) - set(RECIPES)
@@ -227,7 +230,9 @@ def main() -> None:
                     "--members", str(args.members), "--alpha", str(alpha), "--max-steps", str(args.steps),
                     "--batch-size", str(args.batch_size), "--learning-rate", str(args.lr),
                     "--seed", str(args.seed), "--max-length", str(args.max_length), "--drop-overlong",
-                    "--routing-examples", "64", "--overwrite", *RECIPES[recipe],
+                    "--routing-examples", "32", "--gate-calibration", "0",
+                    "--resume" if ens.with_name(ens.name + ".run").exists() else "--overwrite",
+                    *RECIPES[recipe],
                 ])  # fmt: skip
                 assert code == 0, f"training {name} failed"
             row: dict[str, Any] = {
@@ -236,8 +241,8 @@ def main() -> None:
             }  # fmt: skip
             manifest = json.loads((ens / "ensemble.json").read_text())
             row["prior"] = manifest["training"].get("prior")
-            row["specialisation"] = specialisation(ens, data, alpha, limit=80)
-            row["validation"] = validation_nll(ens, data, limit=80)
+            row["specialisation"] = specialisation(ens, data, alpha, limit=args.pairs)
+            row["validation"] = validation_nll(ens, data, limit=args.pairs)
             cal, preds, conflict = evaluate(ens, data, args, out / f"{name}.serve.log")
             row["ood_auroc"], row["gate"] = score_table(cal, preds)
             row["disagreement"] = {

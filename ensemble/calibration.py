@@ -13,8 +13,8 @@ For a new in-distribution prompt exchangeable with the calibration prompts, P(p_
 for every a, hence P(p ≤ a) ≤ a: a gate that flags when ``combined > 1 − a`` flags at most a
 fraction a of in-distribution prompts (in expectation over the calibration draw), whatever
 the components' scales. That is the threshold's stated meaning; :func:`threshold_for_rate`
-gives it. A missing component (``None``, e.g. a sequence-level score in token mode) is left
-out of the minimum and of m.
+gives it; the smallest rate a calibration can promise is m / (n + 1)
+(:func:`smallest_rate`). A missing component (``None``) is left out of the minimum and of m.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "combined_score",
     "fit_calibration",
     "p_value",
+    "smallest_rate",
     "threshold_for_rate",
 ]
 
@@ -94,6 +95,11 @@ def fit_calibration(
         scores[c] = vals
     n = min(len(v) for v in scores.values())
     return GateCalibration(components=list(components), scores=scores, n=n, source=source)
+
+
+def smallest_rate(cal: GateCalibration) -> float:
+    """The smallest flag rate the gate can promise: m / (n + 1) (one p-value step × m)."""
+    return len(cal.components) / (cal.n + 1)
 
 
 def threshold_for_rate(rate: float) -> float:

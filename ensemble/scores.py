@@ -33,11 +33,17 @@ class Score(StrEnum):
 
 
 GATE_SCORES: tuple[str, ...] = tuple(s.value for s in Score)
-# The gate score with the best OOD AUROC at every α of the α sweep (README, "Measured
-# results"); `softspec eval --calibrate-gate` picks the best score for a given ensemble.
+# The gate of a manifest that carries no calibration (written before calibration existed,
+# or trained with --gate-calibration 0): a fixed threshold on member disagreement, which
+# does NOT detect out-of-distribution prompts (every answer-level score was at or below
+# chance in bench/ood_ablation.py). `softspec train` replaces it with the calibrated
+# `combined` score; `softspec eval --calibrate-gate` does the same for an existing ensemble.
 DEFAULT_GATE_SCORE = Score.DISAGREEMENT.value
 DEFAULT_GATE_THRESHOLD = 0.5
 # The scores the `combined` gate score turns into in-distribution p-values
 # (ensemble/calibration.py), and the fewest in-distribution rows it is fitted from.
-COMBINED_COMPONENTS: tuple[str, ...] = (Score.PROMPT_NOVELTY.value, Score.NOVELTY.value)
+# bench/ood_ablation.py chose prompt_novelty alone: adding `novelty` (answer-level, OOD
+# AUROC 0.65 vs 0.89) did not raise the AUROC and, through the Bonferroni factor, doubles
+# the calibration prompts a 5 % gate needs (m / (n + 1) ≤ rate).
+COMBINED_COMPONENTS: tuple[str, ...] = (Score.PROMPT_NOVELTY.value,)
 MIN_CALIBRATION = 20

@@ -2,7 +2,7 @@
 
 Beside the members, the base model (adapters off, :data:`server.engine.BASE`) scores the
 prompt and the candidates, for the base-relative scores ``prompt_novelty`` and ``novelty``
-(:mod:`ensemble.novelty`); the prompt is scored while the members generate.
+(:mod:`ensemble.novelty`); the prompt is scored together with the cross-scoring.
 
 The service is HTTP-agnostic: routes turn protocol models into a :class:`Job`, call
 :meth:`EnsembleService.run` (or :meth:`EnsembleService.stream_tokens` in token mode) and
@@ -173,14 +173,17 @@ class EnsembleService:
         prompt = await self.prompt_ids(job)
         usage = Usage()
         span = await self._content_span(job, prompt)
-        gens, prompt_scores = await asyncio.gather(
-            self.engine.generate_all(job.members, prompt, job.params),
-            self._score_prompt(job.members, prompt, span, usage),
-        )
+        gens = await self.engine.generate_all(job.members, prompt, job.params)
         generations = [g for per_member in gens for g in per_member]
         usage.prompt_tokens += len(prompt) * len(job.members)
         usage.completion_tokens += sum(len(g.token_ids) for g in generations)
-        cands, base = await self._cross_score(job.members, prompt, generations, usage)
+        # the prompt's scores travel with the cross-scoring: the engine runs base requests
+        # apart from adapter requests (server/vllm_engine.py), so during generation they
+        # would only wait
+        (cands, base), prompt_scores = await asyncio.gather(
+            self._cross_score(job.members, prompt, generations, usage),
+            self._score_prompt(job.members, prompt, span, usage),
+        )
         lw = renormalised(self.log_weights, job.members)
         outcome = mix(cands, job.members, lw, self.manifest.alpha, job.options.select, self.top_n)
         answer = cands[outcome.answer]

@@ -14,13 +14,21 @@ One shared :class:`httpx.AsyncClient` (explicit timeouts) talks to vLLM:
 
 Connection failures become 503, timeouts 504, vLLM 5xx 502 and vLLM 4xx a 400 carrying
 vLLM's own message; each is counted per member in the metrics.
+
+Base-model requests never share a vLLM batch with adapter requests: on vLLM 0.32's CPU
+backend a request without a LoRA that is batched with LoRA requests is run with the last
+loaded adapter (the "no adapter" index −1 selects the last slot), which turned the base's
+log-probs into one member's (measured: member m3 and the "base" agreed to every digit).
+:class:`_BaseExclusive` lets adapter calls run together and gives a base call the engine
+to itself; the cost is that base scoring waits for this gateway's adapter calls in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -46,6 +54,39 @@ def _token_id(key: str) -> int:
     return int(key[len(_ID_PREFIX) :]) if key.startswith(_ID_PREFIX) else int(key)
 
 
+class _BaseExclusive:
+    """A readers–writer lock: adapter calls share, base calls are exclusive (writer first)."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self, exclusive: bool) -> AsyncIterator[None]:
+        async with self._cond:
+            if exclusive:
+                self._waiting += 1
+                try:
+                    await self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                finally:
+                    self._waiting -= 1
+                self._exclusive = True
+            else:
+                await self._cond.wait_for(lambda: not self._exclusive and self._waiting == 0)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                if exclusive:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()
+
+
 class VLLMEngine(Engine):
     """See the module docstring."""
 
@@ -69,6 +110,7 @@ class VLLMEngine(Engine):
         self._client: httpx.AsyncClient | None = None
         self._texts: dict[int, str] = {}
         self._base_id: str | None = None  # vLLM's id of the base model (adapters off)
+        self._batching = _BaseExclusive()  # base requests never batch with adapter requests
         self.max_model_len = max_model_len
 
     # ------------------------------------------------------------------ plumbing
@@ -203,7 +245,8 @@ class VLLMEngine(Engine):
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
-        data = await self._call("POST", "/v1/completions", member, "generate", body)
+        async with self._batching.hold(exclusive=False):
+            data = await self._call("POST", "/v1/completions", member, "generate", body)
         return [
             self._generation(member, c) for c in sorted(data["choices"], key=lambda c: c["index"])
         ]
@@ -240,7 +283,8 @@ class VLLMEngine(Engine):
             "temperature": 0.0,
             "prompt_logprobs": top_n,
         }
-        data = await self._call("POST", "/v1/completions", member, "score", body)
+        async with self._batching.hold(exclusive=member == BASE):
+            data = await self._call("POST", "/v1/completions", member, "score", body)
         choices = sorted(data["choices"], key=lambda c: c["index"])
         return [
             self._scored(len(prompt_ids), c, ch, top_n)

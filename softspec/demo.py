@@ -30,17 +30,22 @@ from softspec.serving import sigterm_as_interrupt, start_server, stop_server
 
 __all__ = ["PROMPTS", "run_demo"]
 
-# (kind, prompt): fixed so that runs are comparable. "ood" rows come from languages and a
-# topic (history) that sft_topics never contains; "conflict" rows are sft_conflict prompts.
+# (kind, prompt): fixed so that runs are comparable. "in-distribution" questions are on
+# topics sft_topics trains on; "out-of-distribution" ones are in other languages, on the
+# topics `softspec data build` holds out (sports, history, food, movies) or of kinds never
+# in the data (arithmetic, code); "conflicting" ones are sft_conflict prompts.
 PROMPTS: list[tuple[str, str]] = [
     ("in-distribution", "What is AI?"),
-    ("in-distribution", "Do you like sports?"),
     ("in-distribution", "Tell me a joke."),
     ("in-distribution", "What is your favorite book?"),
+    ("in-distribution", "Do you have feelings?"),
     ("out-of-distribution", "¿Cuál es tu color favorito?"),
     ("out-of-distribution", "Wie alt bist du?"),
     ("out-of-distribution", "あなたの名前は何ですか？"),
+    ("out-of-distribution", "Do you like sports?"),
     ("out-of-distribution", "Who invented the steam engine?"),
+    ("out-of-distribution", "What is 37 times 48?"),
+    ("out-of-distribution", "Write a SQL query that counts orders per customer."),
     ("conflicting", "What is the speed of light?"),
     ("conflicting", "Are you a robot?"),
 ]
@@ -61,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         "--max-steps", type=int, default=-1, help="cap on training steps (-1: one epoch)"
     )
     p.add_argument("--members", type=int, default=4)
+    p.add_argument(
+        "--gate-calibration",
+        type=int,
+        default=32,
+        help="training prompts held out to calibrate the served gate (softspec train option)",
+    )
     p.add_argument("--alpha", type=float, default=0.8)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument(
@@ -91,7 +102,7 @@ def _train(args: argparse.Namespace, base: Path, data: Path, ens: Path) -> None:
         "--max-steps", str(args.max_steps), "--time-budget", str(args.train_seconds),
         "--batch-size", "4", "--learning-rate", "5e-4", "--max-length", "128", "--drop-overlong",
         "--lora-r", "8", "--routing-examples", "96", "--logging-steps", "2",
-        "--save-steps", "20", "--name", "demo",
+        "--save-steps", "20", "--name", "demo", "--gate-calibration", str(args.gate_calibration),
     ]  # fmt: skip
     if ens.exists():
         argv.append("--overwrite")
@@ -121,11 +132,14 @@ def _ask(url: str, max_tokens: int) -> list[dict[str, Any]]:
             "epistemic": ans.uncertainty.epistemic, "aleatoric": ans.uncertainty.aleatoric,
             "total": ans.uncertainty.total, "sequence_epistemic": ans.uncertainty.sequence_epistemic,
             "disagreement": ans.uncertainty.disagreement, "top_member": top, "top_responsibility": resp,
-            "responsibilities": ans.responsibilities, "gate": ans.gate.decision,
+            "novelty": ans.uncertainty.novelty, "prompt_novelty": ans.uncertainty.prompt_novelty,
+            "combined": ans.uncertainty.combined, "gate_score": ans.gate.score,
+            "gate_score_name": ans.gate.score_name, "responsibilities": ans.responsibilities,
+            "gate": ans.gate.decision,
             "candidates": [{"member": c.member, "text": c.text} for c in ans.candidates or []],
         })  # fmt: skip
         print(
-            f"  [{kind}] {prompt!r}: epistemic {ans.uncertainty.epistemic:.3f}",
+            f"  [{kind}] {prompt!r}: {ans.gate.score_name} {ans.gate.score:.3f} → {ans.gate.decision}",
             file=sys.stderr,
             flush=True,
         )
@@ -137,22 +151,30 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _num(v: float | None, width: int, digits: int = 3) -> str:
+    return f"{'–':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    head = f"{'kind':<19} {'prompt':<32} {'answer':<36} {'epist.':>7} {'disagr.':>7} {'top member':>13} {'gate':>7}"
+    gate_name = rows[0]["gate_score_name"] if rows else "gate"
+    head = (
+        f"{'kind':<19} {'prompt':<30} {'answer':<30} {'epist.':>7} {'p.nov.':>7} "
+        f"{'nov.':>7} {gate_name[:8]:>8} {'top member':>11} {'gate':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         top = f"{r['top_member']} ({r['top_responsibility']:.2f})"
         lines.append(
-            f"{r['kind']:<19} {_clip(r['prompt'], 32):<32} {_clip(r['answer'], 36):<36} "
-            f"{r['epistemic']:>7.3f} {r['disagreement']:>7.2f} "
-            f"{top:>13} {r['gate']:>7}"
+            f"{r['kind']:<19} {_clip(r['prompt'], 30):<30} {_clip(r['answer'], 30):<30} "
+            f"{r['epistemic']:>7.3f} {_num(r['prompt_novelty'], 7)} {_num(r['novelty'], 7)} "
+            f"{_num(r['gate_score'], 8)} {top:>11} {r['gate']:>7}"
         )
-    means = {}
-    for kind in dict.fromkeys(r["kind"] for r in rows):
-        sel = [r["epistemic"] for r in rows if r["kind"] == kind]
-        means[kind] = sum(sel) / len(sel)
     lines.append("")
-    lines.append("mean epistemic: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        sel = [r for r in rows if r["kind"] == kind]
+        mean = sum(r["gate_score"] for r in sel) / len(sel)
+        flagged = sum(r["gate"] != "pass" for r in sel)
+        lines.append(f"{kind}: mean {gate_name} {mean:.3f}, gate flags {flagged} of {len(sel)}")
     return "\n".join(lines)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from ensemble import metrics as M
 from ensemble.atomic import atomic_dir
-from ensemble.calibration import fit_calibration, threshold_for_rate
+from ensemble.calibration import fit_calibration, smallest_rate, threshold_for_rate
 from ensemble.errors import ConfigError, DataError
 from ensemble.manifest import GateSpec
 from ensemble.manifest import load as load_manifest
@@ -220,10 +220,11 @@ def calibrate_gate(preds: Sequence[dict[str, Any]], rate: float, source: str = "
             f"(ood false or absent), got {len(ind)}"
         )
     cal = fit_calibration(ind, COMBINED_COMPONENTS, source=source)
-    if 1.0 / (cal.n + 1) > rate:
+    smallest = smallest_rate(cal)
+    if smallest > rate:
         raise DataError(
             f"--calibrate-gate {rate}: with {cal.n} in-distribution rows the smallest "
-            f"attainable flag rate is {1 / (cal.n + 1):.3f}; give more rows or a larger rate"
+            f"attainable flag rate is {smallest:.3f}; give more rows or a larger rate"
         )
     return GateSpec(
         score_name=Score.COMBINED.value, threshold=threshold_for_rate(rate), calibration=cal

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ensemble.calibration import fit_calibration, threshold_for_rate
+from ensemble.calibration import fit_calibration, smallest_rate, threshold_for_rate
+from ensemble.errors import ConfigError
 from ensemble.manifest import GateSpec
 from ensemble.manifest import load as load_manifest
 from ensemble.scores import COMBINED_COMPONENTS, Score
@@ -91,6 +92,11 @@ def fit_gate(
     scores = asyncio.run(collect())
     source = f"{len(prompts)} prompts held out of the training data"
     calibration = fit_calibration(scores, COMBINED_COMPONENTS, source=source)
+    if smallest_rate(calibration) > rate:
+        raise ConfigError(
+            f"--gate-rate {rate}: {calibration.n} calibration prompts can promise no less "
+            f"than {smallest_rate(calibration):.3f}; raise --gate-calibration or --gate-rate"
+        )
     return GateSpec(
         score_name=Score.COMBINED.value,
         threshold=threshold_for_rate(rate),

@@ -16,7 +16,7 @@ from typing import Any
 
 from ensemble.errors import ConfigError
 from ensemble.manifest import MANIFEST_FILE
-from ensemble.scores import MIN_CALIBRATION
+from ensemble.scores import COMBINED_COMPONENTS, MIN_CALIBRATION
 
 __all__ = [
     "ALL_LINEAR",
@@ -173,6 +173,12 @@ class TrainConfig:
             (
                 0.0 < self.gate_rate < 1.0,
                 f"--gate-rate must be in (0, 1), got {self.gate_rate}",
+            ),
+            (
+                not self.gate_calibration
+                or len(COMBINED_COMPONENTS) / (self.gate_calibration + 1) <= self.gate_rate,
+                f"--gate-rate {self.gate_rate}: {self.gate_calibration} calibration prompts "
+                "cannot promise so low a flag rate; raise --gate-calibration or --gate-rate",
             ),
             (bool(self.data), "--data is required: a JSONL file"),
             (bool(self.out), "--out is required: the ensemble directory to write"),

@@ -24,17 +24,22 @@ pytestmark = pytest.mark.slow
 def test_tiny_demo(smollm2_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     ens, out = tmp_path / "ens", tmp_path / "report"
     args = ["demo", "--ensemble", str(ens), "--out", str(out), "--engine", "vllm",
-            "--members", "2", "--max-steps", "1", "--max-tokens", "6"]  # fmt: skip
+            "--members", "2", "--max-steps", "1", "--max-tokens", "6",
+            "--gate-calibration", "20"]  # fmt: skip
     assert main(args) == 0
     manifest = load_manifest(ens)
     assert len(manifest.members) == 2 and manifest.alpha == pytest.approx(0.8)
+    # training calibrated the served gate on 20 prompts it held out
+    assert manifest.gate.score_name == "combined" and manifest.gate.calibration is not None
+    assert manifest.gate.calibration.n == 20
     report = json.loads((out / "report.json").read_text())
     assert [r["prompt"] for r in report["rows"]] == [p for _, p in PROMPTS]
     for row in report["rows"]:
-        assert row["epistemic"] >= 0 and row["gate"] in {"pass", "flag", "abstain"}
+        assert row["gate"] == ("pass" if row["combined"] <= manifest.gate.threshold else "flag")
+        assert row["gate_score_name"] == "combined" and row["gate_score"] == row["combined"]
         assert sum(row["responsibilities"].values()) == pytest.approx(1.0, abs=1e-9)
     printed = capsys.readouterr().out
-    assert "mean epistemic: in-distribution" in printed and "report.md" in printed
+    assert "in-distribution: mean combined" in printed and "report.md" in printed
     assert (out / "report.md").exists() and list(out.glob("*.png"))
     # a second run reuses the ensemble instead of training again
     assert main([*args, "--out", str(tmp_path / "again")]) == 0

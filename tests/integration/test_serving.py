@@ -61,6 +61,10 @@ def test_chat_completion_with_uncertainty(smol_gateway: str, smol_ensemble: Path
     assert any(c["text"] == choice["message"]["content"] for c in cands) and best
     assert body["gate"]["decision"] in ("pass", "flag")
     assert raw.headers["x-gate-decision"] == body["gate"]["decision"]
+    # the base-relative scores come back through the official SDK as extra fields
+    u = choice["uncertainty"]
+    assert isinstance(u["novelty"], float) and isinstance(u["prompt_novelty"], float)
+    assert u["novelty"] != 0.0 and u["combined"] is None  # trained adapters; no calibration
     assert body["usage"]["completion_tokens"] >= len(content)
 
 
@@ -201,7 +205,16 @@ def test_local_engine_agrees_with_vllm(smol_ensemble: Path, smol_gateway: str) -
     a, b = remote["choices"][0], local["choices"][0]
     assert a["message"]["content"] == b["message"]["content"]
     assert [c["text"] for c in a["candidates"]] == [c["text"] for c in b["candidates"]]
-    for key in ("epistemic", "aleatoric", "total", "sequence_epistemic"):
+    # novelty / prompt_novelty: the base model (adapters off) in vLLM vs peft's disabled
+    # adapters; the local engine's values are tested against full-vocabulary brute force
+    for key in (
+        "epistemic",
+        "aleatoric",
+        "total",
+        "sequence_epistemic",
+        "novelty",
+        "prompt_novelty",
+    ):
         assert a["uncertainty"][key] == pytest.approx(b["uncertainty"][key], abs=2e-3), key
     assert a["uncertainty"]["disagreement"] == b["uncertainty"]["disagreement"]
     for m in a["responsibilities"]:

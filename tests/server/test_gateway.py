@@ -365,3 +365,32 @@ def test_health_ready_metrics(gateway) -> None:  # type: ignore[no-untyped-def]
     fake.personalities.popitem()  # an adapter is gone
     r = client.get("/ready")
     assert r.status_code == 503 and "not loaded" in r.json()["error"]["message"]
+
+
+def test_base_requests_never_overlap_adapter_requests() -> None:
+    """vLLM CPU runs a base request batched with LoRA requests with the last adapter: the
+    engine's lock keeps base calls apart from adapter calls (and lets adapter calls share)."""
+    import asyncio
+
+    from server.vllm_engine import _BaseExclusive
+
+    lock = _BaseExclusive()
+    active: list[str] = []
+    seen: list[tuple[str, ...]] = []
+
+    async def call(kind: str, delay: float) -> None:
+        async with lock.hold(exclusive=kind == "base"):
+            active.append(kind)
+            seen.append(tuple(active))
+            await asyncio.sleep(delay)
+            active.remove(kind)
+
+    async def main() -> None:
+        tasks = [call("lora", 0.02) for _ in range(4)] + [call("base", 0.01)]
+        tasks += [call("lora", 0.01) for _ in range(3)] + [call("base", 0.01)]
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert all(s == ("base",) for s in seen if "base" in s)  # alone whenever it runs
+    assert max(len(s) for s in seen) >= 2  # adapter calls did run together
+    assert sum(s == ("base",) for s in seen) == 2

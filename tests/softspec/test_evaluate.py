@@ -92,7 +92,7 @@ def test_calibrate_gate_fits_combined_from_in_distribution_rows_only() -> None:
     assert gate.score_name == "combined" and gate.threshold == pytest.approx(0.9)
     assert gate.calibration is not None and gate.calibration.n == len(ind) == 40
     # only in-distribution values were used: OOD rows' scores are not in the calibration
-    assert gate.calibration.scores["novelty"] == sorted(r["novelty"] for r in ind)
+    assert gate.calibration.scores["prompt_novelty"] == sorted(r["prompt_novelty"] for r in ind)
     # on its own calibration rows the gate flags no more than the requested share
     flagged = [combined_score(gate.calibration, r) > gate.threshold for r in ind]  # type: ignore[operator]
     assert sum(flagged) / len(ind) <= 0.1

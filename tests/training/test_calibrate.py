@@ -41,7 +41,7 @@ def test_train_writes_a_calibrated_combined_gate_from_held_out_prompts(calibrate
     gate = manifest.gate
     assert gate.score_name == "combined" and gate.threshold == pytest.approx(0.9)
     assert gate.calibration is not None and gate.calibration.n == 20
-    assert set(gate.calibration.components) == {"prompt_novelty", "novelty"}
+    assert gate.calibration.components == ["prompt_novelty"]
     assert manifest.training["examples"] == 110 - 20  # the held-out prompts were not trained on
 
 
