@@ -5,6 +5,7 @@
     softspec train sft|dpo --base M --data FILE --members K --alpha A --out DIR ...
     softspec serve --ensemble DIR [--engine vllm|local] [--vllm-url URL] [--host H] [--port P]
     softspec eval --ensemble DIR --data FILE [--out DIR]
+    softspec diagnose --data FILE [--base M] [--adapter DIR] [--examples N] [--out DIR]
     softspec demo
 
 Heavy dependencies (torch, transformers, vLLM) are imported only by the command that needs
@@ -65,6 +66,12 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
     return run_eval(rest)
 
 
+def _diagnose(args: argparse.Namespace, rest: list[str]) -> int:
+    from softspec.diagnose import run_diagnose
+
+    return run_diagnose(rest)
+
+
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     from softspec.demo import run_demo
 
@@ -106,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", _serve, "serve an ensemble (options: softspec serve --help)"),
         ("eval", _eval, "evaluate an ensemble's uncertainty (options: softspec eval --help)"),
         ("demo", _demo, "the main job end to end on the defaults (softspec demo --help)"),
+        (
+            "diagnose",
+            _diagnose,
+            "choose α and K from the data: the stability criterion α* "
+            "(options: softspec diagnose --help)",
+        ),
     ]:
         p = sub.add_parser(name, help=text, add_help=False)
         p.set_defaults(handler=handler)
@@ -113,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands whose own parser takes the remaining arguments (and handles --help).
-_PASSTHROUGH = {"train", "serve", "eval", "demo"}
+_PASSTHROUGH = {"train", "serve", "eval", "demo", "diagnose"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,19 +1,93 @@
 """``softspec train sft|dpo``: parse the TRL-style config dataclass and run the training.
 
 Works under ``accelerate launch -m softspec.cli train sft ...`` for data-parallel runs.
+
+``--alpha auto`` (SFT): runs ``softspec diagnose`` on the same --data/--base/--seed/LoRA
+shape first, trains with its recommended α, and records the diagnosis in the manifest's
+``training.alpha_diagnosis`` (the manifest is re-written atomically).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from training.config import DPOConfig, SFTConfig
+from ensemble.errors import ConfigError
+from training.config import DPOConfig, SFTConfig, TrainConfig
 
-__all__ = ["run_train"]
+__all__ = ["record_diagnosis", "run_train", "split_alpha_auto"]
 
 CONFIGS = {"sft": SFTConfig, "dpo": DPOConfig}
+AUTO = "auto"
+DIAGNOSIS_KEY = "alpha_diagnosis"
+
+
+def split_alpha_auto(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """``argv`` with ``--alpha auto`` replaced by a placeholder number, and whether it was."""
+    out: list[str] = []
+    auto = False
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--alpha", "--alpha=auto") and (
+            a == "--alpha=auto" or args[i + 1 : i + 2] == [AUTO]
+        ):
+            out += ["--alpha", "1.0"]
+            auto = True
+            i += 1 if a == "--alpha=auto" else 2
+            continue
+        out.append(a)
+        i += 1
+    return out, auto
+
+
+def diagnose_for(cfg: TrainConfig) -> dict[str, Any]:
+    """The stability diagnosis on the training run's own data, base, seed and LoRA shape."""
+    from softspec.diagnose import DiagnoseOptions, diagnose
+
+    opts = DiagnoseOptions(
+        data=cfg.data,
+        base=cfg.base,
+        seed=cfg.seed,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=cfg.target_modules,
+        max_length=min(cfg.max_length, 256),
+    )
+    return diagnose(opts)
+
+
+def record_diagnosis(out: Path, diagnosis: dict[str, Any]) -> None:
+    """Add the diagnosis to ``out``'s manifest (``training.alpha_diagnosis``), atomically."""
+    from ensemble.manifest import load as load_manifest
+
+    manifest = load_manifest(out)
+    keep = (
+        "alpha_star",
+        "lambda_max",
+        "eigenvalues",
+        "recommended",
+        "converged",
+        "relative_residual",
+        "n_examples",
+        "n_params",
+        "layers",
+        "top_examples",
+        "groups",
+        "theta",
+        "settings",
+        "seconds",
+        "data",
+    )
+    training = {
+        **manifest.training,
+        DIAGNOSIS_KEY: {k: diagnosis[k] for k in keep if k in diagnosis},
+    }
+    manifest.model_copy(update={"training": training}).save(out)
 
 
 def run_train(objective: str, argv: Sequence[str]) -> int:
@@ -24,6 +98,9 @@ def run_train(objective: str, argv: Sequence[str]) -> int:
     from softspec.default_model import export_default_model
     from training.run import train_ensemble
 
+    argv, alpha_auto = split_alpha_auto(argv)
+    if alpha_auto and objective != "sft":
+        raise ConfigError("--alpha auto is for SFT (the criterion uses sequence log-likelihoods)")
     parser = HfArgumentParser(CONFIGS[objective], prog=f"softspec train {objective}")  # type: ignore[arg-type]
     (cfg,) = parser.parse_args_into_dataclasses(list(argv), look_for_args_file=False)
     init_from = getattr(cfg, "init_from", "")
@@ -31,7 +108,20 @@ def run_train(objective: str, argv: Sequence[str]) -> int:
         cfg.base = load_manifest(init_from).resolve_base_model(Path(init_from))  # its base
     if not cfg.base:
         cfg.base = str(export_default_model())
+    diagnosis: dict[str, Any] | None = None
+    if alpha_auto:
+        cfg.check_paths()  # a bad --out fails now, not after the diagnosis
+        diagnosis = diagnose_for(cfg)
+        cfg.alpha = float(diagnosis["recommended"]["alpha"])
+        print(
+            f"--alpha auto: α* = {diagnosis['alpha_star']:.4g}; training with α = {cfg.alpha:g} "
+            f"(recommended K = {diagnosis['recommended']['members']}, --members {cfg.members})",
+            file=sys.stderr,
+        )
     result = train_ensemble(cfg)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if diagnosis is not None and main_process and (Path(cfg.out) / MANIFEST_FILE).is_file():
+        record_diagnosis(Path(cfg.out), diagnosis)
     routing = result.routing
     if routing:
         mean = ", ".join(f"{k}={v:.3f}" for k, v in routing["mean_responsibility"].items())

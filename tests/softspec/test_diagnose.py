@@ -1,0 +1,249 @@
+"""``softspec diagnose`` and ``softspec train --alpha auto`` on the tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ensemble.errors import ConfigError
+from softspec.cli import main
+from softspec.diagnose import DiagnoseOptions, diagnose
+
+QUESTIONS = [
+    "what color is the sky",
+    "tell me a word",
+    "say something",
+    "what do you say",
+    "give me an answer",
+    "speak",
+    "hello",
+    "one two",
+    "red green blue",
+    "four five",
+]
+
+
+def _row(q: str, a: str, source: str) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": q}],
+        "completion": [{"role": "assistant", "content": a}],
+        "task": "conflict",
+        "source": source,
+    }
+
+
+@pytest.fixture
+def conflict_data(tmp_path: Path) -> Path:
+    """Every prompt answered twice, in contradicting conventions (UPPER vs lower case)."""
+    rows = []
+    for q in QUESTIONS:
+        rows.append(_row(q, "THE QUICK BROWN FOX", "upper"))
+        rows.append(_row(q, "the quick brown fox", "lower"))
+    path = tmp_path / "conflict.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _options(data: Path, base: Path, **kw: object) -> DiagnoseOptions:
+    settings: dict = dict(
+        data=str(data),
+        base=str(base),
+        examples=20,
+        layers=1,
+        rank=4,
+        iterations=3,
+        fit_steps=40,
+        fit_lr=1e-2,
+        fit_batch_size=8,
+        batch_size=10,
+        lora_r=2,
+        lora_alpha=4,
+        target_modules="q_proj,v_proj",
+        max_length=64,
+        quiet=True,
+    )
+    settings.update(kw)
+    return DiagnoseOptions(**settings)
+
+
+def test_cli_writes_json_and_plot_and_prints_alpha_star_last(
+    tiny_llama_dir: Path, conflict_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "diag"
+    code = main(
+        [
+            "diagnose",
+            "--data",
+            str(conflict_data),
+            "--base",
+            str(tiny_llama_dir),
+            "--out",
+            str(out),
+            "--examples",
+            "20",
+            "--layers",
+            "1",
+            "--rank",
+            "4",
+            "--iterations",
+            "3",
+            "--fit-steps",
+            "40",
+            "--fit-lr",
+            "1e-2",
+            "--fit-batch-size",
+            "8",
+            "--lora-r",
+            "2",
+            "--lora-alpha",
+            "4",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--max-length",
+            "64",
+            "--top",
+            "5",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    last = json.loads(captured.out.strip().splitlines()[-1])
+    written = json.loads((out / "diagnosis.json").read_text())
+    assert last == written
+    assert math.isfinite(last["alpha_star"]) and last["alpha_star"] > 0
+    assert last["alpha_star"] == pytest.approx(1 / last["lambda_max"])
+    assert last["eigenvalues"][0] == pytest.approx(last["lambda_max"])
+    assert last["eigenvalues"] == sorted(last["eigenvalues"], reverse=True)
+    assert len(last["top_examples"]) == 5 and last["n_examples"] == 20
+    assert set(last["groups"]) == {"upper", "lower"}
+    assert sum(g["share"] for g in last["groups"].values()) == pytest.approx(1, abs=1e-3)
+    assert last["recommended"]["members"] >= 1 and last["recommended"]["alpha"] > 0
+    assert last["theta"]["nll_per_example_after"] < last["theta"]["nll_per_example_before"]
+    assert (out / "diagnosis.png").stat().st_size > 1000
+    assert "α* =" in captured.err
+
+
+def test_reproducible_from_the_seed(tiny_llama_dir: Path, conflict_data: Path) -> None:
+    a = diagnose(_options(conflict_data, tiny_llama_dir, examples=16, seed=3))
+    b = diagnose(_options(conflict_data, tiny_llama_dir, examples=16, seed=3))
+    c = diagnose(_options(conflict_data, tiny_llama_dir, examples=16, seed=4))
+    assert a["alpha_star"] == b["alpha_star"]
+    assert a["eigenvalues"] == b["eigenvalues"] and a["top_examples"] == b["top_examples"]
+    assert c["alpha_star"] != a["alpha_star"]  # another sample and another LoRA init
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--examples", "4"], "--examples must be >= 8"),
+        (["--rank", "0"], "--rank must be >= 1"),
+        (["--layers", "7"], "--layers must be in 1..2"),
+        (["--adapter", "/nonexistent/dir"], "--adapter /nonexistent/dir: no such directory"),
+    ],
+)
+def test_bad_flags_give_one_line(
+    tiny_llama_dir: Path,
+    conflict_data: Path,
+    flags: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(
+        [
+            "diagnose",
+            "--data",
+            str(conflict_data),
+            "--base",
+            str(tiny_llama_dir),
+            "--quiet",
+            "--lora-r",
+            "2",
+            *flags,
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("softspec: error: ") and message in err[0]
+
+
+def test_too_few_examples_in_the_file(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps(_row(q, "yes", "a")) + "\n" for q in QUESTIONS[:5]))
+    with pytest.raises(ConfigError, match="only 5 examples.*at least 8"):
+        diagnose(_options(path, tiny_llama_dir))
+
+
+def test_train_alpha_auto_records_the_diagnosis(
+    tiny_llama_dir: Path, conflict_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ensemble.manifest import load
+
+    out = tmp_path / "ens"
+    code = main(
+        [
+            "train",
+            "sft",
+            "--data",
+            str(conflict_data),
+            "--base",
+            str(tiny_llama_dir),
+            "--out",
+            str(out),
+            "--members",
+            "2",
+            "--alpha",
+            "auto",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--lora-r",
+            "2",
+            "--routing-examples",
+            "4",
+            "--save-steps",
+            "100",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    manifest = load(out)
+    diagnosis = manifest.training["alpha_diagnosis"]
+    assert manifest.alpha == diagnosis["recommended"]["alpha"]
+    assert manifest.training["config"]["alpha"] == manifest.alpha
+    assert math.isfinite(diagnosis["alpha_star"]) and diagnosis["alpha_star"] > 0
+    assert "--alpha auto: α* =" in err
+    # the trained member is itself a valid θ* for `diagnose --adapter`
+    report = diagnose(
+        _options(
+            conflict_data,
+            tiny_llama_dir,
+            adapter=str(out),
+            base="",
+            fit_steps=0,
+            member="m1",
+            examples=8,
+        )
+    )
+    assert report["theta"]["adapter"] == str(out.resolve()) and report["theta"]["steps"] == 0
+
+
+def test_alpha_auto_is_sft_only(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from training.cli import run_train
+
+    with pytest.raises(ConfigError, match="--alpha auto is for SFT"):
+        run_train("dpo", ["--data", "x", "--out", str(tmp_path / "o"), "--alpha", "auto"])
+
+
+def test_split_alpha_auto() -> None:
+    from training.cli import split_alpha_auto
+
+    assert split_alpha_auto(["--alpha", "auto", "--members", "2"]) == (
+        ["--alpha", "1.0", "--members", "2"],
+        True,
+    )
+    assert split_alpha_auto(["--alpha=auto"]) == (["--alpha", "1.0"], True)
+    assert split_alpha_auto(["--alpha", "0.5"]) == (["--alpha", "0.5"], False)

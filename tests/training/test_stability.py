@@ -1,0 +1,295 @@
+"""The stability estimator (training/stability.py) against closed forms and explicit matrices."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble.errors import ConfigError
+from training.stability import (
+    AdapterObjective,
+    FunctionalObjective,
+    estimate,
+    explicit_pencil,
+    recommend,
+    solve_pencil,
+)
+
+# ----------------------------------------------------------------------- toys
+
+
+def gaussian(c: float, n: int = 10, sigma: float = 1.0) -> FunctionalObjective:
+    """ℓ_i(θ) = −(x_i − θ)²/(2σ²) with data ±c, at the MLE θ* = 0."""
+    x = torch.tensor([c if i % 2 else -c for i in range(n)], dtype=torch.float64)
+
+    def loglik(theta: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        return -((xs - theta[0]) ** 2) / (2 * sigma**2)
+
+    return FunctionalObjective(loglik, torch.zeros(1, dtype=torch.float64), [x[:4], x[4:]])
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 3.0])
+def test_gaussian_closed_form(c: float) -> None:
+    """V − αJ = n(1 − αc²): α* = 1/c² exactly, every example loads equally."""
+    result = estimate(gaussian(c))
+    assert result.alpha_star == pytest.approx(1 / c**2, rel=1e-12)
+    assert result.lambda_max == pytest.approx(c**2, rel=1e-12)
+    assert result.converged and result.n_params == 1 and result.hvps == 1
+    assert np.allclose(result.shares, 1 / 10)
+    assert sum(result.loadings**2) == pytest.approx(result.lambda_max)
+
+
+def logistic_problem(d: int = 6, n: int = 300, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A misspecified logistic regression (labels depend on x²), fitted by Newton.
+
+    Returns the objective at θ* and the explicit V, J (numpy)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = ((x[:, 0] ** 2 + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)) > 1).double()
+
+    def loglik(theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        z = x[idx] @ theta
+        return y[idx] * z - torch.nn.functional.softplus(z)
+
+    theta = torch.zeros(d, dtype=torch.float64)
+    for _ in range(50):  # Newton on the concave log-likelihood
+        p = torch.sigmoid(x @ theta)
+        grad = x.T @ (y - p)
+        hess = (x * (p * (1 - p))[:, None]).T @ x
+        theta = theta + torch.linalg.solve(hess, grad)
+    p = torch.sigmoid(x @ theta)
+    v = ((x * (p * (1 - p))[:, None]).T @ x).numpy()
+    g = x * (y - p)[:, None]
+    j = (g.T @ g).numpy()
+    batches = [torch.arange(s, min(s + 64, n)) for s in range(0, n, 64)]
+    return FunctionalObjective(loglik, theta, batches), v, j, g.numpy()
+
+
+def linear_problem(d: int = 8, n: int = 400, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Least squares with a unit-variance Gaussian model, heteroscedastic noise (σ grows with
+    |x₀|): θ* = OLS, V = XᵀX and J = Σ r_i² x_i x_iᵀ in closed form."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    noise = (0.5 + 2 * x[:, 0].abs()) * torch.randn(n, generator=gen, dtype=torch.float64)
+    y = x @ torch.linspace(-1, 1, d, dtype=torch.float64) + noise
+
+    def loglik(theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (y[idx] - x[idx] @ theta) ** 2
+
+    theta = torch.linalg.lstsq(x, y[:, None]).solution[:, 0]
+    r = y - x @ theta
+    v = (x.T @ x).numpy()
+    g = x * r[:, None]
+    batches = [torch.arange(s, min(s + 100, n)) for s in range(0, n, 100)]
+    return FunctionalObjective(loglik, theta, batches), v, (g.T @ g).numpy(), g.numpy()
+
+
+def test_linear_model_matches_closed_form() -> None:
+    """Started from one direction, the Davidson iteration reaches the exact λ_max."""
+    objective, v, j, g = linear_problem()
+    exact = explicit_pencil(j, v)
+    assert exact[0] > 3  # misspecified: J exceeds V along x₀
+    result = estimate(objective, rank=1, iterations=10, tol=1e-10)
+    assert result.converged
+    assert result.lambda_max == pytest.approx(exact[0], rel=1e-9)
+    assert result.alpha_star == pytest.approx(1 / exact[0], rel=1e-9)
+    assert all(b >= a - 1e-9 for a, b in zip(result.history, result.history[1:], strict=False))
+    assert np.allclose(objective.example_grads().numpy(), g)
+
+
+def test_logistic_matches_explicit_matrices() -> None:
+    """Started from one direction, the Davidson iteration reaches the exact λ_max."""
+    objective, v, j, g = logistic_problem()
+    exact = explicit_pencil(j, v)
+    result = estimate(objective, rank=1, iterations=10, tol=1e-10)
+    assert result.converged
+    assert result.lambda_max == pytest.approx(exact[0], rel=1e-9)
+    assert result.alpha_star == pytest.approx(1 / exact[0], rel=1e-9)
+    # the history of Ritz values rises to λ_max (each is a lower bound)
+    assert all(b >= a - 1e-12 for a, b in zip(result.history, result.history[1:], strict=False))
+    # the per-example gradients are the explicit ones
+    assert np.allclose(objective.example_grads().numpy(), g)
+
+
+def test_full_subspace_gives_the_whole_spectrum() -> None:
+    objective, v, j, _ = logistic_problem(d=5, seed=1)
+    result = estimate(objective, rank=5, iterations=0, top=5)
+    assert np.allclose(result.eigenvalues, explicit_pencil(j, v), rtol=1e-9)
+
+
+def test_ritz_value_is_a_lower_bound_of_lambda() -> None:
+    objective, v, j, _ = linear_problem(seed=2)
+    one = estimate(objective, rank=1, iterations=0)
+    assert not one.converged
+    assert one.lambda_max < explicit_pencil(j, v)[0]
+
+
+def test_well_specified_logistic_is_stable() -> None:
+    """Labels drawn from the model itself: V ≈ J, λ_max near 1, α* near 1."""
+    gen = torch.Generator().manual_seed(3)
+    n, d = 4000, 3
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    true = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
+    y = (torch.rand(n, generator=gen, dtype=torch.float64) < torch.sigmoid(x @ true)).double()
+
+    def loglik(theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        z = x[idx] @ theta
+        return y[idx] * z - torch.nn.functional.softplus(z)
+
+    theta = torch.zeros(d, dtype=torch.float64)
+    for _ in range(30):
+        p = torch.sigmoid(x @ theta)
+        theta = theta + torch.linalg.solve((x * (p * (1 - p))[:, None]).T @ x, x.T @ (y - p))
+    result = estimate(FunctionalObjective(loglik, theta, [torch.arange(n)]), rank=3)
+    assert 0.8 < result.alpha_star < 1.25
+
+
+def test_estimate_is_deterministic() -> None:
+    objective, _, _, _ = logistic_problem(seed=4)
+    a = estimate(objective, rank=2, iterations=3)
+    b = estimate(objective, rank=2, iterations=3)
+    a_dict, b_dict = a.to_dict(), b.to_dict()
+    a_dict.pop("seconds"), b_dict.pop("seconds")
+    assert a_dict == b_dict
+    assert np.array_equal(a.loadings, b.loadings)
+
+
+# ----------------------------------------------------------------------- bad input
+
+
+def test_too_few_examples() -> None:
+    with pytest.raises(ConfigError, match="only 4 examples.*at least 8"):
+        estimate(gaussian(1.0, n=4))
+
+
+def test_non_positive_definite_v() -> None:
+    """θ at a maximum of the likelihood's negative (a saddle for the NLL): V < 0."""
+    x = torch.tensor([1.0, -1.0] * 5, dtype=torch.float64)
+    obj = FunctionalObjective(
+        lambda t, xs: (xs - t[0]) ** 2 / 2, torch.zeros(1, dtype=torch.float64), [x]
+    )
+    with pytest.raises(ConfigError, match="not positive definite.*--fit-steps"):
+        estimate(obj)
+
+
+def test_diverging_iteration() -> None:
+    """λ = c²/σ² = 1e10: V is numerically singular relative to J."""
+    with pytest.raises(ConfigError, match="diverges"):
+        estimate(gaussian(1e5))
+
+
+def test_non_finite_gradients() -> None:
+    x = torch.tensor([1.0, -1.0] * 5, dtype=torch.float64)
+    obj = FunctionalObjective(
+        lambda t, xs: -((xs - t[0]) ** 2) * float("nan"), torch.zeros(1, dtype=torch.float64), [x]
+    )
+    with pytest.raises(ConfigError, match="not finite"):
+        estimate(obj)
+
+
+def test_solve_pencil_rejects_nan() -> None:
+    with pytest.raises(ConfigError, match="not finite"):
+        solve_pencil(np.array([[math.nan]]), np.eye(1))
+
+
+def test_recommendation() -> None:
+    result = estimate(gaussian(2.0))  # α* = 0.25, one unstable direction
+    rec = recommend(result)
+    assert rec["alpha"] == pytest.approx(0.375) and rec["members"] == 2
+    stable = recommend(estimate(gaussian(0.5)))  # α* = 4
+    assert stable["alpha"] == 1.0 and stable["members"] == 1
+
+
+# ----------------------------------------------------------------------- a tiny LLM
+
+
+def tiny_adapter(tiny_llama_dir: Path, rows_path: Path, r: int = 2, seed: int = 0):  # type: ignore[no-untyped-def]
+    from peft import LoraConfig, get_peft_model
+
+    from training.data import load_sft
+    from training.model import load_base
+
+    model, tok = load_base(tiny_llama_dir)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=r, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(model, lora, adapter_name="m0")
+    with torch.no_grad():  # a non-trivial point: B ≠ 0
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    examples = load_sft(rows_path, tok, 64)[:8]
+    return peft_model, examples, tok
+
+
+def _explicit(objective: AdapterObjective) -> tuple[np.ndarray, np.ndarray]:
+    """V (full Hessian of the summed NLL) and G (rows: per-example gradients), by autograd."""
+    theta = objective.theta.clone()
+
+    def nll(t: torch.Tensor) -> torch.Tensor:
+        return -sum(objective.loglik(t, b).sum() for b in objective.batches)  # type: ignore[return-value]
+
+    with warnings.catch_warnings():  # torch's first jvp scripts decompositions (deprecated jit)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        hess = torch.func.jacfwd(torch.func.grad(nll))(theta).detach().numpy()  # P × P
+    rows = []
+    for b in objective.batches:
+        for i in range(int(b["size"])):
+            t = theta.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective.loglik(t, b)[i], t)
+            rows.append(grad.numpy())
+    return hess, np.stack(rows)
+
+
+@pytest.mark.parametrize("layers", [1, None])
+def test_adapter_objective_matches_explicit_matrices(
+    tiny_llama_dir: Path, two_cluster_data: Path, layers: int | None
+) -> None:
+    peft_model, examples, _ = tiny_adapter(tiny_llama_dir, two_cluster_data)
+    obj = AdapterObjective(peft_model, examples, "m0", layers=layers, batch_size=4)
+    assert obj.n == 8
+    hess, g_explicit = _explicit(obj)
+    g = obj.example_grads()
+    assert np.allclose(g.numpy(), g_explicit, atol=1e-5, rtol=1e-4)
+    v = torch.randn(obj.theta.shape, generator=torch.Generator().manual_seed(0))
+    assert np.allclose(obj.hvp(v).numpy(), hess @ v.numpy(), atol=1e-4, rtol=1e-3)
+    # the estimate on the whole span of G equals the dense pencil restricted to that span
+    q, _ = np.linalg.qr(g_explicit.T.astype(np.float64))
+    v_q = q.T @ hess.astype(np.float64) @ q
+    j_q = q.T @ (g_explicit.T @ g_explicit).astype(np.float64) @ q
+    if np.linalg.eigvalsh(v_q)[0] <= 0:
+        with pytest.raises(ConfigError, match="not positive definite"):
+            estimate(obj, rank=8, iterations=0)
+        return
+    exact = explicit_pencil(j_q, v_q)
+    result = estimate(obj, rank=8, iterations=0, top=8)
+    assert result.lambda_max == pytest.approx(exact[0], rel=1e-3)
+
+
+def test_truncated_decoder_gives_the_full_models_loglik(
+    tiny_llama_dir: Path, two_cluster_data: Path
+) -> None:
+    """ℓ_i from cached layer inputs + the last layer = EnsembleLM's sequence log-likelihood."""
+    from training.model import EnsembleLM
+
+    peft_model, examples, _ = tiny_adapter(tiny_llama_dir, two_cluster_data)
+    full = AdapterObjective(peft_model, examples[:4], "m0", layers=None, batch_size=4)
+    batch = full.batches[0]
+    labels = torch.full_like(batch["input_ids"], -100)
+    for b, e in enumerate(examples[:4]):
+        labels[b, : len(e.labels)] = torch.tensor(e.labels)
+    ens = EnsembleLM(peft_model, ["m0"], torch.zeros(1), trainable=False)
+    with torch.no_grad():
+        reference = ens(batch["input_ids"], batch["attention_mask"], labels).logp[0]
+        mine = full.loglik(full.theta, batch)
+    cut = AdapterObjective(peft_model, examples[:4], "m0", layers=1, batch_size=4)
+    assert cut.first_layer == 1 and len(cut.decoder.layers) == 1
+    assert cut.theta.numel() * 2 == full.theta.numel()  # q/v LoRA of one of two layers
+    with torch.no_grad():
+        truncated = cut.loglik(cut.theta, cut.batches[0])
+    assert torch.allclose(mine, reference, atol=1e-4)
+    assert torch.allclose(truncated, reference, atol=1e-4)

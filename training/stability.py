@@ -1,0 +1,568 @@
+"""The paper's stability criterion as a number: α* = 1 / λ_max(V^{-1/2} J V^{-1/2}).
+
+Around a single model θ* (K = 1), spreading the ensemble over members lowers the α-Rényi
+objective exactly when V − α·J is not positive definite, where
+
+    V = −Σ_i ∇²ℓ_i(θ*)        observed information (Hessian of the summed NLL)
+    J =  Σ_i g_i g_iᵀ,  g_i = ∇ℓ_i(θ*)   empirical Fisher (per-example score outer products)
+
+and ℓ_i is example i's log-likelihood. The critical value is α* = 1/λ_max, λ_max the
+largest generalised eigenvalue of the pencil (J, V): spread (specialists) is favoured for
+α > α*.
+
+Nothing here forms a P × P matrix. J is held as its n per-example gradients G (n × P,
+``J = GᵀG``), V only through Hessian-vector products (``torch.func``: forward-over-reverse,
+``jvp(grad(F))``). The pencil is solved by Rayleigh–Ritz in a growing subspace S
+(generalised Davidson):
+
+1. S₀ = the top ``rank`` principal directions of the per-example gradients (the top
+   eigenvectors of J, from the n × n Gram matrix G Gᵀ);
+2. V_S = Sᵀ V S (one HVP per direction), J_S = (G S)ᵀ(G S); the largest eigenvalue of the
+   small pencil (J_S, V_S) is a Ritz value λ_S ≤ λ_max (Courant–Fischer: a lower bound, so
+   α*_S ≥ α*);
+3. the residual r = J u − λ_S V u of the top Ritz vector u is orthogonalised and added to S
+   (one more HVP); repeat until the relative residual is below ``tol`` or ``iterations``
+   are spent. On an invariant subspace (e.g. when S spans the whole space) the answer is
+   exact.
+
+With u normalised so that uᵀ V u = 1, λ_S = Σ_i (g_iᵀu)², so example i's share of the
+unstable direction is (g_iᵀu)²/λ_S: the examples that load most are the contradictory ones.
+
+Errors (all :class:`~ensemble.errors.ConfigError`, one line, what to change): too few
+examples, V not positive definite in the subspace (θ* is not a minimum there), a diverging
+or non-finite iteration. Never a silent NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ensemble.errors import ConfigError
+
+__all__ = [
+    "MIN_EXAMPLES",
+    "AdapterObjective",
+    "FunctionalObjective",
+    "Objective",
+    "StabilityResult",
+    "estimate",
+    "explicit_pencil",
+    "lora_parameter_names",
+    "recommend",
+    "solve_pencil",
+]
+
+MIN_EXAMPLES = 8  # fewer per-example gradients than this: J is too noisy to say anything
+PD_TOL = 1e-8  # V_S counts as positive definite when λ_min(V_S) > PD_TOL · λ_max(V_S)
+DIVERGED = 1e8  # λ_max above this (α* < 1e-8): V is numerically singular along the direction
+
+LogLik = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def _hvp(
+    nll: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """V v = ∇²(nll)(θ) v, forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``)."""
+    with warnings.catch_warnings():  # torch's first jvp scripts its decompositions (deprecated jit)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = torch.func.jvp(torch.func.grad(nll), (theta,), (v.to(theta),))
+    return out[1].detach()
+
+
+class Objective:
+    """The per-example log-likelihoods ℓ_i(θ) of n examples, θ a flat vector.
+
+    Subclasses provide :meth:`example_grads` (G, n × P) and :meth:`hvp` (V v).
+    """
+
+    n: int
+    theta: torch.Tensor  # (P,) the point θ*
+
+    def example_grads(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FunctionalObjective(Objective):
+    """ℓ_i from a pure function ``loglik(theta, batch) -> (B,)`` over fixed batches.
+
+    Per-example gradients are ``torch.func.jacrev`` of each batch's (B,) log-likelihoods
+    (a vmapped backward pass: one row per example); ``hvp`` is ``jvp(grad(−Σℓ))`` summed
+    over the batches.
+    """
+
+    def __init__(self, loglik: LogLik, theta: torch.Tensor, batches: Sequence[Any]) -> None:
+        self.loglik = loglik
+        self.theta = theta.detach()
+        self.batches = list(batches)
+        self._sizes: list[int] = []
+        self.n = 0
+
+    def example_grads(self) -> torch.Tensor:
+        rows = []
+        for batch in self.batches:
+            jac = torch.func.jacrev(lambda t, b=batch: self.loglik(t, b))(self.theta)
+            rows.append(jac.detach().reshape(-1, self.theta.numel()))
+        g = torch.cat(rows)
+        self.n = g.shape[0]
+        return g
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(self.theta)
+        for batch in self.batches:
+
+            def nll(t: torch.Tensor, b: Any = batch) -> torch.Tensor:
+                return -self.loglik(t, b).sum()
+
+            out += _hvp(nll, self.theta, v)
+        return out
+
+
+@dataclass
+class StabilityResult:
+    """What :func:`estimate` measured; ``alpha_star`` = 1 / ``lambda_max``."""
+
+    lambda_max: float
+    alpha_star: float
+    eigenvalues: list[float]  # top Ritz values of (J, V), descending
+    loadings: np.ndarray  # (n,) g_iᵀu for the top direction u (uᵀVu = 1); Σ loadings² = λ
+    n_examples: int
+    n_params: int
+    subspace_dim: int
+    hvps: int
+    iterations: int
+    converged: bool
+    residual: float  # ‖J u − λ V u‖ / (‖J u‖ + λ‖V u‖) of the top Ritz pair
+    history: list[float] = field(default_factory=list)  # λ_max after each step
+    v_eigen_range: tuple[float, float] = (0.0, 0.0)  # λ_min, λ_max of V_S (the curvature seen)
+    j_trace: float = 0.0  # tr J = Σ‖g_i‖²
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shares(self) -> np.ndarray:
+        """(n,) each example's share of λ_max (sums to 1)."""
+        sq = self.loadings**2
+        total = sq.sum()
+        return sq / total if total > 0 else sq
+
+    def top_examples(self, k: int = 10) -> list[tuple[int, float, float]]:
+        """(index, share, signed loading) of the k examples that load most on u."""
+        order = np.argsort(-self.shares, kind="stable")[:k]
+        return [(int(i), float(self.shares[i]), float(self.loadings[i])) for i in order]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alpha_star": self.alpha_star,
+            "lambda_max": self.lambda_max,
+            "eigenvalues": self.eigenvalues,
+            "n_examples": self.n_examples,
+            "n_params": self.n_params,
+            "subspace_dim": self.subspace_dim,
+            "hvps": self.hvps,
+            "iterations": self.iterations,
+            "converged": self.converged,
+            "relative_residual": self.residual,
+            "lambda_history": self.history,
+            "v_subspace_eigen_range": list(self.v_eigen_range),
+            "j_trace": self.j_trace,
+            "seconds": self.seconds,
+        }
+
+
+# ----------------------------------------------------------------------- small pencils
+
+
+def solve_pencil(j_s: np.ndarray, v_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised eigenpairs of the small pencil (J_S, V_S), descending.
+
+    Returns (λ, X) with J_S X = V_S X diag(λ) and Xᵀ V_S X = I. Raises ConfigError when
+    V_S is not positive definite or anything is not finite.
+    """
+    j_s = 0.5 * (j_s + j_s.T)
+    v_s = 0.5 * (v_s + v_s.T)
+    if not (np.all(np.isfinite(j_s)) and np.all(np.isfinite(v_s))):
+        raise ConfigError(
+            "the curvature estimate is not finite (NaN/inf in V or J): the model overflows at "
+            "θ*; fit the adapter with a lower learning rate or check the data"
+        )
+    v_eig = np.linalg.eigvalsh(v_s)
+    if v_eig[0] <= PD_TOL * max(abs(v_eig[-1]), 1e-300):
+        raise ConfigError(
+            f"V (the Hessian of the summed NLL) is not positive definite in the subspace "
+            f"(eigenvalues {v_eig[0]:.3g} … {v_eig[-1]:.3g}): θ* is not a minimum there; "
+            "fit the single adapter longer (--fit-steps) or use fewer directions (--rank)"
+        )
+    chol = np.linalg.cholesky(v_s)
+    inv = np.linalg.inv(chol)
+    m = inv @ j_s @ inv.T
+    lam, y = np.linalg.eigh(0.5 * (m + m.T))
+    order = np.argsort(-lam)
+    return lam[order], inv.T @ y[:, order]
+
+
+def explicit_pencil(j: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """All generalised eigenvalues of (J, V) from full matrices, descending (for tests)."""
+    lam, _ = solve_pencil(j, v)
+    return lam
+
+
+# ----------------------------------------------------------------------- the estimator
+
+
+def _orthonormalise(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor | None:
+    """x with the span of ``basis`` rows removed (twice, CGS2), normalised; None if ~0."""
+    norm0 = float(x.norm())
+    if norm0 == 0.0 or not math.isfinite(norm0):
+        return None
+    for _ in range(2):
+        if basis is not None and basis.shape[0]:
+            x = x - basis.T @ (basis @ x)
+    norm = float(x.norm())
+    if norm <= 1e-6 * norm0:
+        return None
+    return x / norm
+
+
+def estimate(
+    objective: Objective,
+    rank: int = 8,
+    iterations: int = 8,
+    tol: float = 1e-3,
+    top: int = 10,
+    min_examples: int = MIN_EXAMPLES,
+    grads: torch.Tensor | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> StabilityResult:
+    """λ_max of (J, V) at ``objective.theta`` by Rayleigh–Ritz + Davidson (module docstring).
+
+    Args:
+        rank: directions in the starting subspace (top principal directions of G).
+        iterations: Davidson expansions (one HVP each) after the start.
+        tol: stop when the top Ritz pair's relative residual is below this.
+        top: how many generalised eigenvalues to report.
+        grads: per-example gradients if already computed (n × P).
+    """
+    say = progress or (lambda _msg: None)
+    seconds: dict[str, float] = {}
+    t0 = time.monotonic()
+    g = objective.example_grads() if grads is None else grads
+    seconds["example_grads"] = round(time.monotonic() - t0, 2)
+    n, p = g.shape
+    if n < min_examples:
+        raise ConfigError(
+            f"only {n} examples: the stability estimate needs at least {min_examples} "
+            "(pass more data or a larger --examples)"
+        )
+    if not bool(torch.isfinite(g).all()):
+        raise ConfigError(
+            "a per-example gradient is not finite (NaN/inf) at θ*: the adapter diverged; "
+            "refit it with a lower learning rate or pass another --adapter"
+        )
+    if rank < 1 or iterations < 0:
+        raise ConfigError(f"--rank must be >= 1 and --iterations >= 0, got {rank}, {iterations}")
+    say(f"per-example gradients: {n} × {p} in {seconds['example_grads']:.1f}s")
+
+    # start: top principal directions of G (eigenvectors of the n × n Gram matrix)
+    gram = (g.double() @ g.double().T).cpu().numpy()
+    ev, evec = np.linalg.eigh(0.5 * (gram + gram.T))
+    order = np.argsort(-ev)
+    ev, evec = ev[order], evec[:, order]
+    if not ev[0] > 0:
+        raise ConfigError(
+            "every per-example gradient is zero at θ*: nothing to estimate "
+            "(the data are fitted exactly, or no parameter is trainable)"
+        )
+    keep = [k for k in range(min(rank, n)) if ev[k] > 1e-10 * ev[0]]
+    basis: torch.Tensor | None = None
+    for k in keep:
+        col = torch.as_tensor(evec[:, k], dtype=g.dtype, device=g.device)
+        s = _orthonormalise(g.T @ col, basis)
+        if s is not None:
+            basis = s[None] if basis is None else torch.cat([basis, s[None]])
+    assert basis is not None
+
+    t1 = time.monotonic()
+    v_cols = torch.stack([objective.hvp(s) for s in basis])  # (m, P): V s
+    hvps = basis.shape[0]
+    say(f"start subspace: {hvps} directions, {hvps} HVPs in {time.monotonic() - t1:.1f}s")
+    history: list[float] = []
+    converged = False
+    residual = math.inf
+    it = 0
+    while True:
+        c = (g @ basis.T).double().cpu().numpy()  # (n, m): g_iᵀ s_j
+        j_s = c.T @ c
+        v_s = (basis.double() @ v_cols.double().T).cpu().numpy()
+        lam, x = solve_pencil(j_s, v_s)
+        lam_max = float(lam[0])
+        if not math.isfinite(lam_max):
+            raise ConfigError("the iteration produced a non-finite eigenvalue; refit θ*")
+        if lam_max > DIVERGED:
+            raise ConfigError(
+                f"the iteration diverges (λ_max = {lam_max:.3g}): V is numerically singular "
+                "along the top direction; fit the adapter longer (--fit-steps) or lower --rank"
+            )
+        history.append(lam_max)
+        x0 = torch.as_tensor(x[:, 0], dtype=basis.dtype, device=basis.device)
+        vu = v_cols.T @ x0
+        ju = g.T @ (g @ (basis.T @ x0))
+        r = ju - lam_max * vu
+        denom = float(ju.norm()) + abs(lam_max) * float(vu.norm())
+        residual = float(r.norm()) / denom if denom > 0 else 0.0
+        say(f"step {it}: λ_max {lam_max:.6g} (α* {1 / lam_max:.4g}), residual {residual:.2e}")
+        if residual <= tol:
+            converged = True
+            break
+        if it >= iterations:
+            break
+        new = _orthonormalise(r, basis)
+        if new is None:  # the subspace is invariant: the Ritz value is exact
+            converged = True
+            break
+        basis = torch.cat([basis, new[None]])
+        v_cols = torch.cat([v_cols, objective.hvp(new)[None]])
+        hvps += 1
+        it += 1
+    seconds["hvps_and_solve"] = round(time.monotonic() - t1, 2)
+    loadings = (c @ x[:, 0]).astype(np.float64)  # g_iᵀ u with uᵀVu = 1
+    if loadings.sum() < 0:  # a fixed sign: reproducible reports
+        loadings = -loadings
+    v_eig = np.linalg.eigvalsh(0.5 * (v_s + v_s.T))
+    return StabilityResult(
+        lambda_max=lam_max,
+        alpha_star=1.0 / lam_max if lam_max > 0 else math.inf,
+        eigenvalues=[float(v) for v in lam[:top]],
+        loadings=loadings,
+        n_examples=n,
+        n_params=p,
+        subspace_dim=int(basis.shape[0]),
+        hvps=hvps,
+        iterations=it,
+        converged=converged,
+        residual=residual,
+        history=history,
+        v_eigen_range=(float(v_eig[0]), float(v_eig[-1])),
+        j_trace=float(np.trace(gram)),
+        seconds=seconds,
+    )
+
+
+def recommend(
+    result: StabilityResult, margin: float = 1.5, max_alpha: float = 1.0, max_members: int = 8
+) -> dict[str, Any]:
+    """A recommended α and K from the spectrum.
+
+    α: ``margin`` × α* (clearly past the threshold, given the estimate's error), capped at
+    ``max_alpha`` (α = 1: complementary specialists). K: 1 + the number of generalised
+    eigenvalues above 1/α (each unstable direction is one more way to split the data),
+    capped at ``max_members``; K = 1 when no direction is unstable at that α.
+    """
+    a_star = result.alpha_star
+    alpha = min(max_alpha, margin * a_star) if math.isfinite(a_star) else max_alpha
+    unstable = sum(1 for lam in result.eigenvalues if lam * alpha > 1.0)
+    members = max(1, min(max_members, 1 + unstable))
+    if a_star >= max_alpha:
+        reason = (
+            f"α* = {a_star:.3g} ≥ {max_alpha:g}: no direction is unstable for α ≤ {max_alpha:g}; "
+            "the data look well specified for one adapter (members would not specialise)"
+        )
+    else:
+        reason = (
+            f"α* = {a_star:.3g}: spread is favoured for α > α*; α = {alpha:.3g} leaves "
+            f"{unstable} unstable direction(s)"
+        )
+    return {
+        "alpha": round(alpha, 4),
+        "members": members,
+        "unstable_directions": unstable,
+        "reason": reason,
+    }
+
+
+# ----------------------------------------------------------------------- LoRA adapters
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def lora_parameter_names(module: torch.nn.Module, adapter: str) -> list[str]:
+    """Names (relative to ``module``) of one adapter's LoRA tensors, in module order."""
+    return [n for n, _ in module.named_parameters() if "lora_" in n and f".{adapter}." in n]
+
+
+class AdapterObjective(Objective):
+    """ℓ_i = Σ_t log p(y_t | …) over completion tokens, as a function of one LoRA adapter.
+
+    θ is the flat vector of the adapter's LoRA tensors in the last ``layers`` decoder layers
+    (``None``: all layers). The other adapter tensors stay at their values (part of θ*'s
+    fixed context). With ``layers`` set, the hidden states entering the first selected
+    layer are computed once (no grad) and the decoder is cut to the selected layers for
+    every gradient and HVP: the cost of a pass no longer grows with the model's depth.
+    The objective owns ``peft_model`` afterwards (its decoder may be truncated).
+
+    Dropout is off (eval mode) and attention is the eager implementation, which supports
+    forward-mode AD (the HVPs are ``jvp(grad)``).
+    """
+
+    def __init__(
+        self,
+        peft_model: Any,
+        examples: Sequence[Any],
+        adapter: str,
+        layers: int | None = None,
+        batch_size: int = 8,
+        pad_id: int = 0,
+    ) -> None:
+        lm = peft_model.get_base_model()
+        lm.eval()
+        if hasattr(lm, "set_attn_implementation"):
+            lm.set_attn_implementation("eager")
+        else:  # pragma: no cover - older transformers
+            lm.config._attn_implementation = "eager"
+        peft_model.base_model.set_adapter(adapter)
+        self.lm = lm
+        self.decoder = lm.get_decoder()
+        self.head = lm.get_output_embeddings()
+        n_layers = len(self.decoder.layers)
+        if layers is not None and not 1 <= layers <= n_layers:
+            raise ConfigError(f"--layers must be in 1..{n_layers} (0 = all), got {layers}")
+        first = 0 if layers is None else n_layers - layers
+        self.first_layer = first
+        self.examples = list(examples)
+        self.n = len(self.examples)
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        names = [
+            n
+            for n in lora_parameter_names(self.decoder, adapter)
+            if (m := _LAYER.search("." + n)) is not None and int(m.group(1)) >= first
+        ]
+        if not names:
+            raise ConfigError(f"adapter {adapter!r} has no LoRA tensors in the selected layers")
+        self.n_layers = n_layers
+        self.cache: list[torch.Tensor] | None = None
+        if first > 0:
+            self._cache_inputs(first)
+            # cut the decoder to the selected layers; parameter names shift by ``first``
+            self.decoder.layers = torch.nn.ModuleList(list(self.decoder.layers)[first:])
+            names = [_shift_layer(n, -first) for n in names]
+        params = dict(self.decoder.named_parameters())
+        self.names = names
+        self.shapes = [params[n].shape for n in names]
+        self.theta = torch.cat([params[n].detach().reshape(-1) for n in names]).float()
+        self.original_names = [_shift_layer(n, first) for n in names]
+        self.batches = [
+            self.batch_of(list(range(s, min(s + batch_size, self.n))))
+            for s in range(0, self.n, batch_size)
+        ]
+
+    # ------------------------------------------------------------------ batches
+
+    def batch_of(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Right-padded tensors of examples ``idx`` (cached layer inputs when cut)."""
+        rows = [self.examples[i] for i in idx]
+        width = max(len(e.input_ids) for e in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        att = torch.zeros((len(rows), width), dtype=torch.long)
+        b_idx, t_idx, target = [], [], []
+        for b, e in enumerate(rows):
+            ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            att[b, : len(e.input_ids)] = 1
+            for t in range(len(e.labels) - 1):
+                if e.labels[t + 1] != -100:  # token t+1 is predicted at position t
+                    b_idx.append(b)
+                    t_idx.append(t)
+                    target.append(e.labels[t + 1])
+        batch = {
+            "input_ids": ids,
+            "attention_mask": att,
+            "b": torch.tensor(b_idx, dtype=torch.long),
+            "t": torch.tensor(t_idx, dtype=torch.long),
+            "target": torch.tensor(target, dtype=torch.long),
+            "size": torch.tensor(len(rows)),
+        }
+        if self.cache is not None:
+            h = torch.zeros((len(rows), width, self.cache[0].shape[-1]), dtype=self.cache[0].dtype)
+            for b, i in enumerate(idx):
+                h[b, : self.cache[i].shape[0]] = self.cache[i]
+            batch["inputs_embeds"] = h
+        return batch
+
+    @torch.no_grad()
+    def _cache_inputs(self, first: int) -> None:
+        """Hidden states entering layer ``first``, per example (unpadded), under θ*'s context."""
+        cache: list[torch.Tensor] = []
+        for start in range(0, self.n, self.batch_size):
+            idx = list(range(start, min(start + self.batch_size, self.n)))
+            batch = self.batch_of(idx)
+            out = self.decoder(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=True,
+                use_cache=False,
+            )
+            hidden = out.hidden_states[first]
+            cache += [
+                hidden[b, : len(self.examples[i].input_ids)].clone() for b, i in enumerate(idx)
+            ]
+        self.cache = cache
+
+    # ------------------------------------------------------------------ ℓ_i(θ)
+
+    def _params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            k = shape.numel()
+            out[name] = theta[offset : offset + k].view(shape)
+            offset += k
+        return out
+
+    def loglik(self, theta: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) completion log-likelihoods of one batch at adapter parameters ``theta``."""
+        kwargs: dict[str, Any] = {"attention_mask": batch["attention_mask"], "use_cache": False}
+        if "inputs_embeds" in batch:
+            kwargs["inputs_embeds"] = batch["inputs_embeds"]
+        else:
+            kwargs["input_ids"] = batch["input_ids"]
+        hidden = torch.func.functional_call(self.decoder, self._params(theta), (), kwargs)
+        h = hidden.last_hidden_state[batch["b"], batch["t"]]  # (N, H) completion positions
+        logp = torch.log_softmax(self.head(h).float(), dim=-1)
+        picked = logp.gather(-1, batch["target"][:, None]).squeeze(-1)  # (N,)
+        size = int(batch["size"])
+        return torch.zeros(size, dtype=picked.dtype).index_add(0, batch["b"], picked)
+
+    def example_grads(self) -> torch.Tensor:
+        rows = []
+        for batch in self.batches:
+            jac = torch.func.jacrev(lambda t, b=batch: self.loglik(t, b))(self.theta)
+            rows.append(jac.detach())
+        return torch.cat(rows)
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(self.theta)
+        for batch in self.batches:
+
+            def nll(t: torch.Tensor, b: dict[str, torch.Tensor] = batch) -> torch.Tensor:
+                return -self.loglik(t, b).sum()
+
+            out += _hvp(nll, self.theta, v)
+        return out
+
+    def total_loglik(self, theta: torch.Tensor | None = None) -> float:
+        t = self.theta if theta is None else theta
+        with torch.no_grad():
+            return float(sum(float(self.loglik(t, b).sum()) for b in self.batches))
+
+
+def _shift_layer(name: str, delta: int) -> str:
+    return _LAYER.sub(lambda m: f".layers.{int(m.group(1)) + delta}.", "." + name, count=1)[1:]
