@@ -144,6 +144,7 @@ class StabilityResult:
     iterations: int
     converged: bool
     residual: float  # ‖J u − λ V u‖ / (‖J u‖ + λ‖V u‖) of the top Ritz pair
+    stop_reason: str = ""
     history: list[float] = field(default_factory=list)  # λ_max after each step
     v_eigen_range: tuple[float, float] = (0.0, 0.0)  # λ_min, λ_max of V_S (the curvature seen)
     j_trace: float = 0.0  # tr J = Σ‖g_i‖²
@@ -173,6 +174,7 @@ class StabilityResult:
             "iterations": self.iterations,
             "converged": self.converged,
             "relative_residual": self.residual,
+            "stop_reason": self.stop_reason,
             "lambda_history": self.history,
             "v_subspace_eigen_range": list(self.v_eigen_range),
             "j_trace": self.j_trace,
@@ -297,14 +299,26 @@ def estimate(
     hvps = basis.shape[0]
     say(f"start subspace: {hvps} directions, {hvps} HVPs in {time.monotonic() - t1:.1f}s")
     history: list[float] = []
+    stop_reason = ""
+    hvps_wasted = 0
     converged = False
     residual = math.inf
     it = 0
     while True:
-        c = (g @ basis.T).double().cpu().numpy()  # (n, m): g_iᵀ s_j
-        j_s = c.T @ c
-        v_s = (basis.double() @ v_cols.double().T).cpu().numpy()
-        lam, x = solve_pencil(j_s, v_s)
+        c_new = (g @ basis.T).double().cpu().numpy()  # (n, m): g_iᵀ s_j
+        v_new = (basis.double() @ v_cols.double().T).cpu().numpy()
+        try:
+            lam_new, x_new = solve_pencil(c_new.T @ c_new, v_new)
+        except ConfigError:
+            if it == 0:
+                raise
+            # V is not positive definite along the newest direction: keep the last subspace
+            basis, v_cols = basis[:-1], v_cols[:-1]
+            hvps_wasted = 1
+            stop_reason = "V not positive definite along the next Davidson direction"
+            say(f"step {it}: {stop_reason}; keeping the previous {basis.shape[0]} directions")
+            break
+        c, v_s, lam, x = c_new, v_new, lam_new, x_new
         lam_max = float(lam[0])
         if not math.isfinite(lam_max):
             raise ConfigError("the iteration produced a non-finite eigenvalue; refit θ*")
@@ -323,12 +337,15 @@ def estimate(
         say(f"step {it}: λ_max {lam_max:.6g} (α* {1 / lam_max:.4g}), residual {residual:.2e}")
         if residual <= tol:
             converged = True
+            stop_reason = "converged"
             break
         if it >= iterations:
+            stop_reason = "iterations spent"
             break
         new = _orthonormalise(r, basis)
         if new is None:  # the subspace is invariant: the Ritz value is exact
             converged = True
+            stop_reason = "invariant subspace"
             break
         basis = torch.cat([basis, new[None]])
         v_cols = torch.cat([v_cols, objective.hvp(new)[None]])
@@ -348,7 +365,8 @@ def estimate(
         n_params=p,
         subspace_dim=int(basis.shape[0]),
         hvps=hvps,
-        iterations=it,
+        iterations=it - hvps_wasted,
+        stop_reason=stop_reason,
         converged=converged,
         residual=residual,
         history=history,

@@ -293,3 +293,18 @@ def test_truncated_decoder_gives_the_full_models_loglik(
         truncated = cut.loglik(cut.theta, cut.batches[0])
     assert torch.allclose(mine, reference, atol=1e-4)
     assert torch.allclose(truncated, reference, atol=1e-4)
+
+
+def test_indefinite_direction_stops_the_expansion_not_the_estimate() -> None:
+    """V = [[n, a], [a, −b]]: positive on span(G) = e₀, indefinite once the residual adds e₁."""
+    x = torch.tensor([2.0, -2.0] * 5, dtype=torch.float64)
+    n, a, b = 10, 3.0, 1.0
+
+    def loglik(t: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        return -((xs - t[0]) ** 2) / 2 - a * t[0] * t[1] / n + b * t[1] ** 2 / (2 * n)
+
+    obj = FunctionalObjective(loglik, torch.zeros(2, dtype=torch.float64), [x])
+    result = estimate(obj, rank=1, iterations=3)
+    assert result.lambda_max == pytest.approx(4.0)  # c² on the positive-definite subspace
+    assert not result.converged and result.subspace_dim == 1
+    assert result.stop_reason == "V not positive definite along the next Davidson direction"
