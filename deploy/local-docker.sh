@@ -105,6 +105,8 @@ do_env() {
     # No pytorch.org here: torch comes from deploy/local/ (staged above).
     echo "export TORCH_INDEX_URL="
     echo "export DOCKER_BUILD_NETWORK=host"
+    # Compose v1 waits 60 s per engine call; a container of the full image takes longer on vfs
+    echo "export COMPOSE_HTTP_TIMEOUT=600"
 }
 
 do_stop() {

@@ -6,7 +6,8 @@ takes 10-25 minutes on 2 CPU cores, so it runs only under ``make deploy-test`` (
 Docker Hub first. The tests run in file order and share one compose project
 (``softspec-e2e-<pid>``, its own volume, network and gateway port), removed at the end.
 
-Timings and image sizes go to ``reports/deploy-e2e.json``.
+Timings and image sizes go to ``reports/deploy-e2e.json``. ``DEPLOY_E2E_BUILD=0`` reuses the
+images already built (re-runs while iterating); ``make deploy-test`` always builds.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ REPORT = REPO / "reports" / "deploy-e2e.json"
 IMAGES = {"full": "softspec:local", "gateway": "softspec-gateway:local"}
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.4"
 # A tiny ensemble: enough to serve, minutes not hours on 2 cores.
-POPULATE_ARGS = ["--members", "2", "--max-steps", "2", "--batch-size", "2", "--max-length", "64"]
+POPULATE_ARGS = ["--members", "2", "--max-steps", "2", "--batch-size", "2", "--max-length", "128"]
+POPULATE_ARGS += ["--drop-overlong"]
 FILL_HINT = "docker compose -f deploy/compose.yaml run --rm populate"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 READY_TIMEOUT = 1200.0
@@ -78,6 +80,9 @@ class Stack:
         self.port = _free_port()
         self.cmd = [*cmd, "-f", str(COMPOSE_FILE)]
         self.env = {
+            # Compose v1 gives the engine 60 s per call; creating a container from the 4 GB
+            # image takes longer than that on the vfs storage driver
+            "COMPOSE_HTTP_TIMEOUT": "600",
             **os.environ,
             "COMPOSE_PROJECT_NAME": self.project,
             "GATEWAY_PORT": str(self.port),
@@ -173,6 +178,9 @@ def stack() -> Iterator[Stack]:
         pytest.skip(problem)
     s = Stack()
     yield s
+    # the services' logs outlive `down` (a failure is diagnosed from them)
+    logs = s.compose("logs", "--no-color", "--timestamps", check=False)
+    (REPO / "reports" / "deploy-e2e-logs.txt").write_text(logs.stdout + logs.stderr)
     s.compose("--profile", "tools", "--profile", "monitoring", "down", "-v", "--remove-orphans",
               check=False)  # fmt: skip
 
@@ -181,9 +189,13 @@ def stack() -> Iterator[Stack]:
 
 
 def test_build_images(stack: Stack) -> None:
-    t0 = time.monotonic()
-    stack.compose("--profile", "tools", "build")
-    stack.record("build_s", round(time.monotonic() - t0, 1))
+    if os.environ.get("DEPLOY_E2E_BUILD") == "0":
+        # a developer's shortcut for re-runs (the images must exist); `make deploy-test` builds
+        stack.record("build_s", "skipped (DEPLOY_E2E_BUILD=0): existing images")
+    else:
+        t0 = time.monotonic()
+        stack.compose("--profile", "tools", "build")
+        stack.record("build_s", round(time.monotonic() - t0, 1))
     sizes = {}
     for key, image in IMAGES.items():
         sizes[key] = int(docker("image", "inspect", "-f", "{{.Size}}", image).strip())
