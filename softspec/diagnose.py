@@ -334,6 +334,9 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
             "run `softspec model export-default` or pass a Hugging Face model directory"
         )
     base = base or str(export_default_model())
+    depth = json.loads((Path(base) / "config.json").read_text()).get("num_hidden_layers")
+    if isinstance(depth, int) and opts.layers > depth:  # before any model is loaded
+        raise ConfigError(f"--layers must be in 1..{depth} (0 = all), got {opts.layers}")
     rows = _sample_rows(opts.data, opts.examples, opts.seed)
     from training.stability import MIN_EXAMPLES
 
