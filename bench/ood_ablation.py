@@ -202,6 +202,12 @@ def main() -> None:
         "--pairs", type=int, default=80, help="held-out examples for routing MI and val NLL"
     )
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="recompute every finished row's AUROCs and gate from its saved predictions "
+        "with the current code (no training, no serving), then print the table",
+    )
     args = ap.parse_args()
     unknown = set(args.recipes.split(",")) - set(RECIPES)
     if unknown:
@@ -217,6 +223,14 @@ def main() -> None:
     results: list[dict[str, Any]] = (
         json.loads(results_path.read_text()) if results_path.exists() else []
     )
+    if args.rescore:
+        for row in results:
+            name = f"{row['recipe'].replace('+', '_')}_a{row['alpha']:g}"
+            saved = json.loads((out / f"{name}.predictions.json").read_text())
+            row["ood_auroc"], row["gate"] = score_table(saved["calibration"], saved["eval"])
+        atomic_write_text(results_path, json.dumps(results, indent=2))
+        print(table(results))
+        return
     for recipe in args.recipes.split(","):
         for alpha in [float(a) for a in args.alphas.split(",")]:
             if any(r["recipe"] == recipe and r["alpha"] == alpha for r in results):

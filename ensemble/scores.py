@@ -35,9 +35,10 @@ class Score(StrEnum):
 GATE_SCORES: tuple[str, ...] = tuple(s.value for s in Score)
 # The gate of a manifest that carries no calibration (written before calibration existed,
 # or trained with --gate-calibration 0): a fixed threshold on member disagreement, which
-# does NOT detect out-of-distribution prompts (every answer-level score was at or below
-# chance in bench/ood_ablation.py). `softspec train` replaces it with the calibrated
-# `combined` score; `softspec eval --calibrate-gate` does the same for an existing ensemble.
+# does NOT detect out-of-distribution prompts (OOD AUROC 0.35 for disagreement and 0.37 for
+# epistemic in bench/ood_ablation.py: below chance). `softspec train` replaces it with the
+# calibrated `combined` score; `softspec eval --calibrate-gate` does the same for an
+# existing ensemble.
 DEFAULT_GATE_SCORE = Score.DISAGREEMENT.value
 DEFAULT_GATE_THRESHOLD = 0.5
 # The scores the `combined` gate score turns into in-distribution p-values
