@@ -218,15 +218,7 @@ def test_train_alpha_auto_records_the_diagnosis(
     assert "--alpha auto: α* =" in err
     # the trained member is itself a valid θ* for `diagnose --adapter`
     report = diagnose(
-        _options(
-            conflict_data,
-            tiny_llama_dir,
-            adapter=str(out),
-            base="",
-            fit_steps=0,
-            member="m1",
-            examples=8,
-        )
+        _options(conflict_data, tiny_llama_dir, adapter=str(out), fit_steps=0, member="m1")
     )
     assert report["theta"]["adapter"] == str(out.resolve()) and report["theta"]["steps"] == 0
 
