@@ -20,7 +20,7 @@ __all__ = [
 
 
 class Score(StrEnum):
-    """Uncertainty scores of one answer (DESIGN.md §2)."""
+    """Uncertainty scores of one answer (definitions: docs/uncertainty.md)."""
 
     EPISTEMIC = "epistemic"  # mean over tokens of Σπ KL(q_k ‖ q̄): members disagree
     ALEATORIC = "aleatoric"  # mean over tokens of Σπ H(q_k): each member unsure

@@ -1,7 +1,7 @@
 """Mixing K members' candidates into one answer with uncertainty (pure functions).
 
 Inputs are the candidates every member generated and every candidate's token scores under
-every member; outputs are the selected answer, its uncertainty (DESIGN.md §2), the
+every member; outputs are the selected answer, its uncertainty (docs/uncertainty.md), the
 responsibilities and the mixture's log-probs. All arithmetic is :mod:`ensemble.math`.
 """
 
@@ -122,7 +122,7 @@ def mix(
     select: SelectMode = SelectMode.MIXTURE,
     top_n: int = 20,
 ) -> MixOutcome:
-    """Select the answer and compute every uncertainty score of DESIGN.md §2.
+    """Select the answer and compute every uncertainty score of docs/uncertainty.md.
 
     Args:
         cands: M candidates (member order, samples in order), each scored by all members.

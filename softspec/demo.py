@@ -139,7 +139,8 @@ def _ask(url: str, max_tokens: int) -> list[dict[str, Any]]:
             "candidates": [{"member": c.member, "text": c.text} for c in ans.candidates or []],
         })  # fmt: skip
         print(
-            f"  [{kind}] {prompt!r}: {ans.gate.score_name} {ans.gate.score:.3f} → {ans.gate.decision}",
+            f"  [{kind}] {prompt!r}: epistemic {ans.uncertainty.epistemic:.3f}, "
+            f"{ans.gate.score_name} {ans.gate.score:.3f} → {ans.gate.decision}",
             file=sys.stderr,
             flush=True,
         )

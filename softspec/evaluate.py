@@ -2,7 +2,7 @@
 
     softspec eval --ensemble DIR --data FILE [--out DIR] [--engine vllm|local] [--url URL]
 
-Per prompt it records the answer, every uncertainty score of DESIGN.md §2, the
+Per prompt it records the answer, every uncertainty score of docs/uncertainty.md, the
 responsibilities, and single-model baselines computed in the same run from one member
 (``<ensemble>:<member>`` requests, no mixing):
 
