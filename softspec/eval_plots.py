@@ -26,10 +26,12 @@ def write_plots(preds: Sequence[dict[str, Any]], metrics: dict[str, Any], out: P
 
     plt = _plt()
     written = []
+    # scores this server did not serve (e.g. `combined` without a gate calibration) are None
+    scores = [s for s in SCORES if all(p.get(s) is not None for p in preds)]
     ood = [p for p in preds if p["ood"] is not None]
     if ood and len({p["ood"] for p in ood}) == 2:
         fig, ax = plt.subplots(figsize=(5.5, 5))
-        for s in SCORES:
+        for s in scores:
             fpr, tpr, _ = M.roc_curve([p[s] for p in ood], [p["ood"] for p in ood])
             auc = metrics["scores"][s].get("ood_auroc")
             ax.plot(fpr, tpr, label=f"{s} ({auc:.3f})" if auc is not None else s)
@@ -45,7 +47,7 @@ def write_plots(preds: Sequence[dict[str, Any]], metrics: dict[str, Any], out: P
     if graded:
         err = [0.0 if p["correct"] else 1.0 for p in graded]
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
-        for s in SCORES:
+        for s in scores:
             cov, risk = M.risk_coverage_curve([p[s] for p in graded], err)
             ax.plot(cov, risk, label=s)
         ax.set(xlabel="coverage", ylabel="risk (error rate of kept answers)", title="risk–coverage")

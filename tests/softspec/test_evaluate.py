@@ -102,3 +102,12 @@ def test_calibrate_gate_fits_combined_from_in_distribution_rows_only() -> None:
         calibrate_gate(rows[:12], 0.1)
     with pytest.raises(DataError, match="smallest attainable flag rate"):
         calibrate_gate(rows, 0.01)
+
+
+def test_plots_leave_out_scores_the_server_did_not_serve(tmp_path: Path) -> None:
+    """`combined` is None without a gate calibration: the plots skip it instead of failing."""
+    from softspec.eval_plots import write_plots
+
+    assert all(p["combined"] is None for p in PREDS)
+    written = write_plots(PREDS, compute_metrics(PREDS, ["m0", "m1"]), tmp_path)
+    assert (tmp_path / "roc.png") in written and (tmp_path / "risk_coverage.png") in written
