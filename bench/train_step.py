@@ -1,6 +1,6 @@
 """Benchmark: one K=4 α-Rényi training step vs four single-adapter LoRA steps (same batch).
 
-DESIGN.md §8 targets: time ratio ≤ 1.15, peak-memory ratio ≤ 1.3 (one base model, never
+Targets (docs/benchmarks.md): time ratio ≤ 1.15, peak-memory ratio ≤ 1.3 (one base model, never
 K copies). Run on the real default model (SmolLM2-135M-Instruct) with a real batch of the
 default SFT data:
 

@@ -1,6 +1,6 @@
 """A typed client for the Soft Specialists gateway, built on the official ``openai`` SDK.
 
-The gateway is OpenAI-compatible and its extras are additive (DESIGN.md §3): the request
+The gateway is OpenAI-compatible and its extras are additive (docs/api.md): the request
 extra ``ensemble`` travels in ``extra_body``, and the response extras — ``uncertainty``,
 ``responsibilities`` and ``candidates`` on the choice, ``gate`` at the top level — are
 read back from the SDK objects' ``model_dump()``. This module only turns them into

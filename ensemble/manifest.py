@@ -1,4 +1,4 @@
-"""The ensemble directory and its manifest, ``ensemble.json`` (DESIGN.md §4, contract).
+"""The ensemble directory and its manifest, ``ensemble.json`` (docs/ensemble-format.md).
 
     <dir>/ensemble.json
     <dir>/adapters/<member>/adapter_config.json, adapter_model.safetensors   (peft format)
@@ -112,7 +112,7 @@ class GateSpec(_Model):
 
 
 class EnsembleManifest(_Model):
-    """``ensemble.json``: everything needed to serve an ensemble (DESIGN.md §4)."""
+    """``ensemble.json``: everything needed to serve an ensemble (docs/ensemble-format.md)."""
 
     format: Literal["softspec.ensemble/v1"] = "softspec.ensemble/v1"
     name: str

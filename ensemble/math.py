@@ -1,7 +1,7 @@
 """The α-Rényi ensemble math: loss, soft routing, mixtures and uncertainty (numpy only).
 
 Reference: "Soft Specialists: α-Rényi Ensembles for Uncertainty-Aware LLM Post-Training",
-arXiv 2605.27747 (2026); the definitions are the contract in DESIGN.md §2.
+arXiv 2605.27747 (2026); the definitions and sign conventions are in docs/math.md.
 
 Conventions used throughout:
 

@@ -33,7 +33,7 @@ TokenId = Annotated[int, Strict(), Field(ge=0)]
 
 
 class DecodeMode(StrEnum):
-    """How the members produce an answer (DESIGN.md §3)."""
+    """How the members produce an answer (docs/api.md)."""
 
     SEQUENCE = "sequence"  # each member generates; candidates cross-scored; one is selected
     TOKEN = "token"  # lock-step mixture decoding, one token at a time (local engine only)

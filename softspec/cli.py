@@ -1,4 +1,4 @@
-"""The ``softspec`` command line (DESIGN.md §5, contract).
+"""The ``softspec`` command line (docs/cli.md).
 
     softspec model export-default [--out DIR]
     softspec data build [--out DIR]

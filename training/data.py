@@ -10,7 +10,7 @@ DPO rows: ``{"prompt", "chosen", "rejected"}`` (conversational or standard), opt
 ``source`` / ``conflict``.
 
 Only completion (assistant) tokens carry labels: the sequence log-likelihood
-``log p(y|x)`` of DESIGN.md §2 is the sum over exactly those tokens. With a chat template,
+``log p(y|x)`` of docs/math.md is the sum over exactly those tokens. With a chat template,
 an assistant turn ends at its end-of-turn token (``<|im_end|>`` for ChatML): whatever the
 template appends after it (a newline) is not part of the answer vLLM would generate, so it
 is not learned either. Every problem is a :class:`~ensemble.errors.DataError` naming the

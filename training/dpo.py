@@ -1,6 +1,6 @@
 """α-Rényi DPO: the per-member preference likelihood σ(h_k) and its reference model.
 
-For a preference (x, y_w, y_l) and member k (DESIGN.md §2, DPO form):
+For a preference (x, y_w, y_l) and member k (docs/math.md, DPO form):
 
     h_k = β [ (log p_k(y_w|x) − log p_ref(y_w|x)) − (log p_k(y_l|x) − log p_ref(y_l|x)) ]
     ℓ_α^DPO = −(1/α) log Σ_k π_k σ(h_k)^α,    w_k = softmax_k(log π_k + α log σ(h_k))

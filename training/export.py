@@ -1,4 +1,4 @@
-"""Write the ensemble directory (DESIGN.md §4) atomically from a trained EnsembleLM."""
+"""Write the ensemble directory (docs/ensemble-format.md) atomically from a trained EnsembleLM."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The α-Rényi objective in torch: exact gradients through stop-gradient responsibilities.
 
-For members k with sequence log-likelihoods ``logp`` (K, B) (DESIGN.md §2):
+For members k with sequence log-likelihoods ``logp`` (K, B) (docs/math.md):
 
     ℓ_α = −(1/α) logsumexp_k(log π_k + α log p_k)        (the value, per example)
     w_k = softmax_k(log π_k + α log p_k)                  (responsibilities, no gradient)

@@ -101,7 +101,7 @@ def build_ensemble(model: nn.Module, cfg: TrainConfig) -> EnsembleLM:
     """Wrap ``model`` with K LoRA adapters, member k's A matrices drawn with its own seed.
 
     B = 0 makes every member equal to the base at step 0; different A's make their B
-    gradients differ, so members diverge (DESIGN.md §2).
+    gradients differ, so members diverge (docs/math.md).
     """
     from peft import get_peft_model
 
