@@ -49,13 +49,13 @@ def _data_build(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
-    from training.cli import run_train
+    from softspec.train_cmd import run_train
 
     return run_train(args.objective, rest)
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
-    from server.launch import run_serve
+    from softspec.serve_cmd import run_serve
 
     return run_serve(rest)
 
