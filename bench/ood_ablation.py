@@ -40,6 +40,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ensemble.scores import EVAL_SCORES
+
 NOVEL = Path(__file__).resolve().parent / "data" / "novel_kinds.jsonl"
 # training options of each recipe (on top of the shared ones)
 RECIPES: dict[str, list[str]] = {
@@ -49,11 +51,7 @@ RECIPES: dict[str, list[str]] = {
     "zero+prompt": ["--prompt-loss-weight", "0.5"],
     "random+prompt": ["--prompt-loss-weight", "0.5", "--prior-init", "random", "--prior-kl", "0.1"],
 }
-SCORES = (
-    "epistemic", "aleatoric", "total", "sequence_epistemic", "disagreement",
-    "novelty", "prompt_novelty", "combined", "perplexity", "mean_token_entropy",
-)  # fmt: skip
-BASELINES = ("perplexity", "mean_token_entropy")
+SCORES = EVAL_SCORES
 GATE_RATE = 0.05
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
+    "BASELINES",
     "COMBINED_COMPONENTS",
     "DEFAULT_GATE_SCORE",
     "DEFAULT_GATE_THRESHOLD",
+    "EVAL_SCORES",
     "GATE_SCORES",
     "MIN_CALIBRATION",
     "Score",
@@ -33,6 +35,12 @@ class Score(StrEnum):
 
 
 GATE_SCORES: tuple[str, ...] = tuple(s.value for s in Score)
+# Single-member baselines the evaluation compares the served scores with (lm-polygraph's
+# names): `perplexity` = −mean token log-prob of one member's answer, `mean_token_entropy`
+# = mean entropy of that member's next-token distributions. Not served, so not gate scores.
+BASELINES: tuple[str, ...] = ("perplexity", "mean_token_entropy")
+# Everything `softspec eval` and the benchmarks report, in table order.
+EVAL_SCORES: tuple[str, ...] = (*GATE_SCORES, *BASELINES)
 # The gate of a manifest that carries no calibration (written before calibration existed,
 # or trained with --gate-calibration 0): a fixed threshold on member disagreement, which
 # does NOT detect out-of-distribution prompts (OOD AUROC 0.35 for disagreement and 0.37 for

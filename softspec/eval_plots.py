@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ensemble import metrics as M
+from ensemble.scores import EVAL_SCORES
 
 __all__ = ["write_plots"]
 
@@ -22,12 +23,11 @@ def _plt() -> Any:
 
 def write_plots(preds: Sequence[dict[str, Any]], metrics: dict[str, Any], out: Path) -> list[Path]:
     """Write every plot the data allows into ``out``; returns the files written."""
-    from softspec.evaluate import SCORES
 
     plt = _plt()
     written = []
     # scores this server did not serve (e.g. `combined` without a gate calibration) are None
-    scores = [s for s in SCORES if all(p.get(s) is not None for p in preds)]
+    scores = [s for s in EVAL_SCORES if all(p.get(s) is not None for p in preds)]
     ood = [p for p in preds if p["ood"] is not None]
     if ood and len({p["ood"] for p in ood}) == 2:
         fig, ax = plt.subplots(figsize=(5.5, 5))

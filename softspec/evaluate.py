@@ -39,13 +39,10 @@ from ensemble.calibration import fit_calibration, smallest_rate, threshold_for_r
 from ensemble.errors import ConfigError, DataError
 from ensemble.manifest import GateSpec
 from ensemble.manifest import load as load_manifest
-from ensemble.scores import COMBINED_COMPONENTS, GATE_SCORES, MIN_CALIBRATION, Score
+from ensemble.scores import BASELINES, COMBINED_COMPONENTS, EVAL_SCORES, MIN_CALIBRATION, Score
 from softspec.serving import sigterm_as_interrupt, start_server, stop_server
 
-__all__ = ["BASELINES", "SCORES", "calibrate_gate", "compute_metrics", "evaluate_rows", "run_eval"]
-
-BASELINES = ("perplexity", "mean_token_entropy")
-SCORES = (*GATE_SCORES, *BASELINES)
+__all__ = ["calibrate_gate", "compute_metrics", "evaluate_rows", "run_eval"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -171,7 +168,7 @@ def compute_metrics(preds: Sequence[dict[str, Any]], members: Sequence[str]) -> 
     res: dict[str, Any] = {"n": len(preds), "scores": {}}
     ood = [p for p in preds if p["ood"] is not None]
     graded = [p for p in preds if p["correct"] is not None]
-    for s in SCORES:
+    for s in EVAL_SCORES:
         entry: dict[str, Any] = {}
         if any(p.get(s) is None for p in preds):  # not served (e.g. no gate calibration)
             res["scores"][s] = entry
@@ -195,7 +192,7 @@ def compute_metrics(preds: Sequence[dict[str, Any]], members: Sequence[str]) -> 
         argmax = [members[i] for i in resp.argmax(axis=1)]
         res["routing"] = {"groups": names, "members": list(members), "matrix": matrix.tolist(),
                           "task_member_mi": M.mutual_information(groups, argmax)}  # fmt: skip
-    best = max((s for s in SCORES if res["scores"][s].get("ood_auroc") is not None),
+    best = max((s for s in EVAL_SCORES if res["scores"][s].get("ood_auroc") is not None),
                key=lambda s: res["scores"][s]["ood_auroc"], default=None)  # fmt: skip
     res["best_ood_score"] = best
     base = [

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from ensemble import metrics as M
+from ensemble.scores import BASELINES, EVAL_SCORES
 from softspec.cli import main
-from softspec.evaluate import BASELINES, SCORES, calibrate_gate, compute_metrics
+from softspec.evaluate import calibrate_gate, compute_metrics
 
 
 def record(
@@ -35,9 +36,9 @@ PREDS = [
 
 def test_metrics_match_the_metric_functions() -> None:
     m = compute_metrics(PREDS, ["m0", "m1"])
-    assert set(m["scores"]) == set(SCORES) and set(BASELINES) <= set(SCORES)
+    assert set(m["scores"]) == set(EVAL_SCORES)
     ood = [p["ood"] for p in PREDS]
-    for s in SCORES:
+    for s in EVAL_SCORES:
         if s == "combined":  # not served (no calibration): no metrics rather than a crash
             assert m["scores"][s] == {}
             continue
@@ -54,10 +55,10 @@ def test_metrics_match_the_metric_functions() -> None:
     assert m["ece"] == pytest.approx(
         M.expected_calibration_error([p["confidence"] for p in graded], [1 - e for e in err])
     )
-    # epistemic separates OOD perfectly but for one tie-free inversion: 8/9 pairs ordered
-    assert m["scores"]["epistemic"]["ood_auroc"] == pytest.approx(
-        M.auroc([0.1, 0.2, 0.3, 0.9, 0.8, 0.3], ood)
-    )
+    # by hand: epistemic in (0.1, 0.2, 0.3) vs OOD (0.9, 0.8, 0.3): 8 of 9 pairs ordered and
+    # one tie (0.3 vs 0.3) counted as half
+    assert m["scores"]["epistemic"]["ood_auroc"] == pytest.approx(8.5 / 9)
+    assert m["scores"]["novelty"]["ood_auroc"] == pytest.approx(0.5 / 9)  # −epistemic: reversed
     assert m["epistemic_minus_best_baseline"] == pytest.approx(
         m["scores"]["epistemic"]["ood_auroc"] - max(m["scores"][b]["ood_auroc"] for b in BASELINES)
     )
@@ -66,7 +67,9 @@ def test_metrics_match_the_metric_functions() -> None:
     assert m["routing"]["task_member_mi"] == pytest.approx(
         M.mutual_information([p["group"] for p in PREDS], ["m0", "m0", "m1", "m1", "m0", "m1"])
     )
-    assert m["best_ood_score"] in SCORES
+    # epistemic, total and sequence_epistemic tie at 8.5/9; the first in table order wins
+    assert m["best_ood_score"] == "epistemic"
+    assert m["epistemic_minus_best_baseline"] == pytest.approx(8.5 / 9 - 0.5)
 
 
 def test_constant_score_has_auroc_one_half() -> None:
