@@ -56,6 +56,13 @@ def _nucleus(logq: torch.Tensor, temperature: float, top_p: float) -> torch.Tens
     return probs
 
 
+def stop_index(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string starts in ``text``, or None (vLLM's rule: the output
+    ends before the stop string, which is not returned)."""
+    found = [text.find(s) for s in stops if s and s in text]
+    return min(found) if found else None
+
+
 class LocalEngine(Engine):
     """See the module docstring."""
 
@@ -179,9 +186,17 @@ class LocalEngine(Engine):
                 ids = ids[: ids.index(eos) + 1]
                 finish = "stop"
             text = self._text(ids)
-            if params.stop and any(s in text for s in params.stop):
+            if params.stop and stop_index(text, params.stop) is not None:
+                # cut ids and log-probs after the token that completes the stop string
+                t = next(
+                    t
+                    for t in range(len(ids))
+                    if stop_index(self._text(ids[: t + 1]), params.stop) is not None
+                )
+                ids = ids[: t + 1]
+                text = self._text(ids)
+                text = text[: stop_index(text, params.stop)]
                 finish = "stop"
-                text = min((text.split(s)[0] for s in params.stop if s in text), key=len)
             lp = logps[r, : len(ids)]
             scores = TokenScores(
                 ids,
@@ -290,7 +305,9 @@ class LocalEngine(Engine):
         ids = torch.tensor([prompt] * k)
         past = None
         produced: list[int] = []
-        text = ""
+        text = ""  # the text streamed so far
+        # a stop string may span tokens: hold back a possible stop prefix until it resolves
+        hold = max((len(s) for s in params.stop), default=1) - 1
         for t in range(params.max_tokens):
             if stop.is_set():
                 return
@@ -308,15 +325,20 @@ class LocalEngine(Engine):
             produced.append(tok)
             finish = None
             full = self._text(produced)
-            if tok == self.tok.eos_token_id or (
-                params.stop and any(s in full for s in params.stop)
-            ):
+            cut = stop_index(full, params.stop)
+            if cut is not None:
+                full = full[:cut]  # the stop string and anything after it are not returned
+            if tok == self.tok.eos_token_id or cut is not None:
                 finish = "stop"
             elif t == params.max_tokens - 1:
                 finish = "length"
             delta = ""
-            if finish is not None or not full.endswith("\ufffd"):  # hold back split UTF-8
+            if finish is not None:
                 delta, text = full[len(text) :], full
+            elif not full.endswith("\ufffd"):  # hold back split UTF-8
+                ready = full[: len(full) - hold]
+                if len(ready) > len(text):
+                    delta, text = ready[len(text) :], ready
             yield MixtureStep(
                 token_id=tok,
                 text=delta,

@@ -151,13 +151,52 @@ def test_token_mode_respects_max_tokens_and_stop(local) -> None:  # type: ignore
     full = chat(client, "ens", max_tokens=12, temperature=0, ensemble={"decode": "token"})[
         "choices"
     ][0]["message"]["content"]
-    if len(full) > 4:
-        stop = full[2:4]
-        cut = chat(
-            client, "ens", max_tokens=12, temperature=0, stop=[stop], ensemble={"decode": "token"}
-        )
-        assert cut["choices"][0]["finish_reason"] == "stop"
-        assert len(cut["choices"][0]["message"]["content"]) < len(full)
+    assert len(full) >= 6, full  # trained on long answers: greedy decoding says something
+    stop = full[3:5]  # a stop string inside the answer (it may span two tokens)
+    for stream in (False, True):
+        r = client.post(
+            "/v1/chat/completions",
+            json={"model": "ens", "messages": QUESTION, "max_tokens": 12, "temperature": 0,
+                  "stop": [stop], "stream": stream, "ensemble": {"decode": "token"}},
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        if stream:
+            frames = [json.loads(f[6:]) for f in r.text.split("\n\n") if f and f != "data: [DONE]"]
+            text = "".join(
+                c["choices"][0]["delta"].get("content", "") for c in frames if c["choices"]
+            )
+            finish = [c["choices"][0]["finish_reason"] for c in frames if c["choices"]][-1]
+        else:
+            text = r.json()["choices"][0]["message"]["content"]
+            finish = r.json()["choices"][0]["finish_reason"]
+        assert finish == "stop"
+        assert text == full[: full.index(stop)], (stream, text, full, stop)  # stop string cut
+
+
+def test_sequence_mode_cuts_ids_and_logprobs_at_a_stop_string(local) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from server.engine import SamplingParams
+
+    _, engine = local
+    prompt = asyncio.run(engine.render_chat(QUESTION))
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    (gen,), _ = asyncio.run(engine.generate_all(["m0", "m1"], prompt, params))
+    assert len(gen.text) >= 6, gen.text
+    stop = gen.text[3:5]
+    # m1 does not stop there (or at all): the batched rows continue past m0's stop
+    (cut,), _ = asyncio.run(
+        engine.generate_all(["m0", "m1"], prompt, SamplingParams(max_tokens=12, temperature=0.0,
+                                                                 stop=(stop,)))
+    )  # fmt: skip
+    assert cut.finish_reason == "stop"
+    assert cut.text == gen.text[: gen.text.index(stop)]
+    # ids end with the token that completes the stop string, as vLLM returns them
+    n = len(cut.token_ids)
+    assert cut.token_ids == gen.token_ids[:n]
+    assert stop in engine._text(cut.token_ids) and stop not in engine._text(cut.token_ids[:-1])
+    assert len(cut.scores.logprobs) == n and len(cut.scores.top) == n
+    assert cut.scores.logprobs == pytest.approx(gen.scores.logprobs[:n], abs=1e-5)
 
 
 def test_sequence_mode_generation_and_scoring_agree(local) -> None:  # type: ignore[no-untyped-def]
