@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import ensemble.jsonl
 from ensemble.errors import AssetError, ConfigError, DataError
 from softspec import default_data as dd
 from softspec.default_data import (
@@ -22,9 +23,12 @@ from softspec.default_data import (
     DPO_SOURCES,
     HELD_OUT_TOPICS,
     build_datasets,
+    datasets,
     format_summary,
     read_jsonl,
+    sources,
 )
+from softspec.default_data import build as build_module
 
 SFT_TOPICS = ("sft_topics_train.jsonl", "sft_topics_val.jsonl", "sft_topics_test.jsonl")
 SFT_CONFLICT = ("sft_conflict_train.jsonl", "sft_conflict_test.jsonl")
@@ -129,7 +133,7 @@ def test_dpo_rows_are_trl_preferences(rows: Rows, name: str) -> None:
         check_message(row["chosen"][0], "assistant")
         check_message(row["rejected"][0], "assistant")
         assert normalise(row["chosen"][0]["content"]) != normalise(row["rejected"][0]["content"])
-        assert len(row["chosen"][0]["content"]) <= dd.REPLY_MAX_CHARS
+        assert len(row["chosen"][0]["content"]) <= sources.REPLY_MAX_CHARS
         assert row["source"] in DPO_SOURCES and row["task"] == "chitchat"
         assert isinstance(row["conflict"], bool)
 
@@ -143,7 +147,7 @@ def test_sft_topics_cover_every_in_distribution_topic(rows: Rows) -> None:
     all_rows = [r for name in SFT_TOPICS for r in rows[name]]
     assert {r["task"] for r in all_rows} == expected
     assert not any(r["ood"] for r in all_rows)
-    assert max(Counter(r["task"] for r in all_rows).values()) <= dd.TOPIC_CAP
+    assert max(Counter(r["task"] for r in all_rows).values()) <= datasets.TOPIC_CAP
 
 
 def test_splittable_tasks_appear_in_every_split(rows: Rows) -> None:
@@ -182,7 +186,7 @@ def test_ood_spans_languages_and_held_out_topics(rows: Rows) -> None:
     tasks = Counter(r["task"] for r in ood)
     languages = {t for t in tasks if t.startswith("lang:")}
     assert len(languages) >= 20 and "lang:english" not in languages
-    assert max(tasks[t] for t in languages) <= dd.OOD_PER_LANGUAGE
+    assert max(tasks[t] for t in languages) <= datasets.OOD_PER_LANGUAGE
     assert set(HELD_OUT_TOPICS) <= set(tasks)
     for row in ood:
         expected = "chatterbot/english-heldout" if row["task"] in HELD_OUT_TOPICS else None
@@ -286,7 +290,7 @@ def test_a_second_build_returns_the_summary_without_rewriting(
     def rebuild(seed: int) -> None:
         raise AssertionError("rebuilt an up-to-date directory")
 
-    monkeypatch.setattr(dd, "_datasets", rebuild)
+    monkeypatch.setattr(build_module, "_datasets", rebuild)
     assert build_datasets(out, seed=0) == summary
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
@@ -305,7 +309,7 @@ def test_another_seed_needs_force_to_replace(
 
 def failing_writer(monkeypatch: pytest.MonkeyPatch, after: int) -> None:
     """Make the JSONL writer raise once ``after`` files were written."""
-    real, calls = dd._write_jsonl, list[Path]()
+    real, calls = build_module._write_jsonl, list[Path]()
 
     def write(path: Path, rows: Any) -> None:
         if len(calls) == after:
@@ -313,7 +317,7 @@ def failing_writer(monkeypatch: pytest.MonkeyPatch, after: int) -> None:
         calls.append(path)
         real(path, rows)
 
-    monkeypatch.setattr(dd, "_write_jsonl", write)
+    monkeypatch.setattr(build_module, "_write_jsonl", write)
 
 
 def test_a_failed_build_leaves_nothing_behind(
@@ -360,18 +364,28 @@ def test_a_bad_seed_is_a_config_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- reading, reporting
 
 
-def test_read_jsonl_names_the_file_and_line_of_bad_json(tmp_path: Path) -> None:
+def test_read_jsonl_is_the_shared_reader_with_its_error_format(tmp_path: Path) -> None:
+    assert read_jsonl is ensemble.jsonl.read_jsonl
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\n\n{"b": 2}\n{"c": \n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad\.jsonl, line 4"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:4: not valid JSON"):
         read_jsonl(path)
-    path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
-    with pytest.raises(DataError, match="line 2"):
-        read_jsonl(path)
-    path.write_text('{"a": 1}\n\n{"b": "é"}\n', encoding="utf-8")
-    assert read_jsonl(path) == [{"a": 1}, {"b": "é"}]
-    with pytest.raises(DataError, match="missing"):
-        read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_the_readme_is_the_specification_with_the_constants_filled_in(
+    built: tuple[Path, dict[str, Any]],
+) -> None:
+    out, summary = built
+    text = (out / "README.md").read_text(encoding="utf-8")
+    assert ":data:" not in text and "``" not in text
+    flat = " ".join(text.split())
+    assert f"capped at {datasets.CONFLICT_CAP} per topic" in flat
+    assert f"at a word boundary to {sources.REPLY_MAX_CHARS} characters" in flat
+    headings = [line for line in text.splitlines() if line.startswith("### ")]
+    assert headings[0] == "### `sft_topics_{train,val,test}.jsonl`"
+    assert len(headings) == 6
+    for name, count in summary["files"].items():
+        assert f"| `{name}` | {count} |" in text
 
 
 def test_format_summary_lists_every_file_with_its_count(
