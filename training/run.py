@@ -41,6 +41,7 @@ from training.trainer import (
     TimeBudgetCallback,
     collate,
     last_complete_checkpoint,
+    read_log,
 )
 
 __all__ = ["TrainResult", "train_ensemble"]
@@ -121,6 +122,8 @@ def _check_resume(cfg: TrainConfig) -> None:
     saved = cfg.run_dir / CONFIG_FILE
     if not (cfg.resume and saved.exists()):
         return
+    if (cfg.run_dir / LOG_FILE).is_file():
+        read_log(cfg.run_dir / LOG_FILE)  # a corrupt log fails now, before the model loads
     before = json.loads(saved.read_text())
     now = json.loads(json.dumps(cfg.identity()))
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))

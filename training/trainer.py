@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from ensemble.errors import DataError
 from ensemble.math import update_mixture_weights
 from training.config import TrainConfig, Weights
 from training.data import IGNORE, DPOExample, SFTExample
@@ -46,6 +47,7 @@ __all__ = [
     "TimeBudgetCallback",
     "collate",
     "last_complete_checkpoint",
+    "read_log",
 ]
 
 STATE_FILE = "ensemble_state.safetensors"
@@ -269,6 +271,30 @@ class DPOTrainerMixin:
 # ----------------------------------------------------------------------- callbacks
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's JSONL log. A torn last line (a crash while it was written, the
+    case --resume exists for) is dropped; a corrupt line before it is an error."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            if n == last:
+                break  # torn by the crash: the step it logged is re-run from the checkpoint
+            raise DataError(
+                f"{path}:{n + 1}: corrupt training log line (not a JSON object); "
+                "delete that line to --resume, or start again with --overwrite"
+            )
+        rows.append(row)
+    return rows
+
+
 class JsonlLogCallback(TrainerCallback):
     """Appends every log line to ``train_log.jsonl``; on resume drops lines past the checkpoint."""
 
@@ -278,13 +304,9 @@ class JsonlLogCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not state.is_world_process_zero or not self.path.exists():
             return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= state.global_step
-        ]
+        keep = [row for row in read_log(self.path) if row.get("step", 0) <= state.global_step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
         os.replace(tmp, self.path)
 
     def on_log(

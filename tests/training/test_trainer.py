@@ -227,6 +227,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
     assert (run / "checkpoint-4").is_dir()
     monkeypatch.undo()
     assert train(tiny_llama_dir, sft_data, tmp_path / "crash", *args) == 2  # needs --resume
+    with open(run / "train_log.jsonl", "a") as f:  # the crash tore the last line in half
+        f.write('{"step": 7, "loss": 1.2')
     assert train(tiny_llama_dir, sft_data, tmp_path / "crash", *args, "--resume") == 0
     assert not run.exists()
     full, resumed = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "crash")
@@ -239,6 +241,18 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
     ]
     train_steps = [s for s in steps if s <= 8]
     assert train_steps[:8] == list(range(1, 9))  # nothing lost, nothing logged twice
+
+
+def test_a_corrupt_log_line_before_the_last_is_an_error(tmp_path: Path) -> None:
+    from ensemble.errors import DataError
+    from training.trainer import read_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')
+    assert read_log(log) == [{"step": 1}, {"step": 2}]  # the torn last line is dropped
+    log.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(DataError, match=r"train_log.jsonl:2: corrupt"):
+        read_log(log)
 
 
 def test_resume_with_different_options_is_refused(
