@@ -71,7 +71,9 @@ class TrainConfig:
     overwrite: bool = _help("replace an existing ensemble directory at --out", default=False)
     learning_rate: float = _help("AdamW learning rate", default=2e-4)
     lr_scheduler: str = _help("learning-rate schedule (transformers name)", default="linear")
-    warmup_ratio: float = _help("fraction of steps for linear warm-up", default=0.0)
+    warmup_ratio: float = _help(
+        "fraction in [0, 1) of the optimizer steps for linear warm-up", default=0.0
+    )
     batch_size: int = _help("examples per device per step", default=8)
     grad_accum: int = _help("gradient accumulation steps", default=1)
     max_grad_norm: float = _help(
@@ -131,9 +133,12 @@ class TrainConfig:
         "recompute activations in the backward pass (K× less activation memory)", default=False
     )
     eval_data: str = _help(
-        "validation JSONL (same format); evaluated every --eval-steps", default=""
+        "validation JSONL (same format); evaluated every --eval-steps and at the end",
+        default="",
     )
-    eval_steps: int = _help("evaluate every N steps (0 = only at the end)", default=0)
+    eval_steps: int = _help(
+        "with --eval-data: evaluate every N steps (0 = only at the end)", default=0
+    )
     save_steps: int = _help("checkpoint every N steps (for --resume)", default=50)
     logging_steps: int = _help("log every N steps to train_log.jsonl", default=5)
     time_budget: float = _help(
@@ -201,6 +206,11 @@ class TrainConfig:
             (self.save_steps >= 1, f"--save-steps must be >= 1, got {self.save_steps}"),
             (self.logging_steps >= 1, f"--logging-steps must be >= 1, got {self.logging_steps}"),
             (self.time_budget >= 0, "--time-budget must be >= 0 seconds"),
+            (
+                math.isfinite(self.warmup_ratio) and 0.0 <= self.warmup_ratio < 1.0,
+                f"--warmup-ratio is a fraction of the steps in [0, 1), got {self.warmup_ratio}",
+            ),
+            (self.eval_steps >= 0, f"--eval-steps must be >= 0, got {self.eval_steps}"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
         ]

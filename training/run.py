@@ -92,7 +92,7 @@ def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> TrainingA
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a float in [0, 1) as a ratio
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.epochs,
         max_grad_norm=cfg.max_grad_norm,
@@ -196,11 +196,21 @@ def train_ensemble(cfg: TrainConfig) -> TrainResult:
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model()  # final state in the run dir (resume after a crash during export)
     steps = int(trainer.state.global_step)
+    eval_loss = None
+    if eval_ds is not None and (not cfg.eval_steps or steps % cfg.eval_steps):
+        eval_loss = trainer.evaluate()["eval_loss"]  # the end of training (logged too)
+    elif eval_ds is not None:
+        eval_loss = next(
+            (r["eval_loss"] for r in reversed(trainer.state.log_history) if "eval_loss" in r),
+            None,
+        )
 
     training: dict[str, Any] = {}
     if trainer.is_world_process_zero():
         training = _summary(cfg, trainer, ens, train_ds, groups, collate_fn, result, t0)
         training["prior"] = prior
+        if eval_loss is not None:
+            training["eval_loss"] = round(float(eval_loss), 6)
         export_ensemble(ens, cfg, str(Path(cfg.base).resolve()), cfg.run_dir, training)
         if calibration:
             _calibrate(cfg, calibration)

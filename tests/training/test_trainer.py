@@ -309,3 +309,33 @@ def test_validation_loss_is_logged_every_eval_steps(
     assert [r["step"] for r in evals] == [2, 4]
     assert all(r["eval_loss"] > 0 for r in evals)
     assert (tmp_path / "ev" / "plots" / "training_curves.png").exists()
+
+
+def test_eval_data_without_eval_steps_is_evaluated_at_the_end(
+    tiny_llama_dir: Path, sft_data: Path, tmp_path: Path
+) -> None:
+    args = ["--members", "2", "--max-steps", "3", "--batch-size", "4", "--eval-data", str(sft_data)]
+    assert train(tiny_llama_dir, sft_data, tmp_path / "end", *args) == 0
+    rows = [json.loads(x) for x in (tmp_path / "end" / "train_log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3]
+    assert load_manifest(tmp_path / "end").training["eval_loss"] == pytest.approx(
+        evals[0]["eval_loss"], abs=1e-5
+    )
+
+
+@pytest.mark.parametrize("ratio", ["1", "1.5", "-0.1", "nan"])
+def test_warmup_ratio_outside_0_1_is_refused(
+    tiny_llama_dir: Path, sft_data: Path, tmp_path: Path, capsys, ratio: str
+) -> None:  # type: ignore[no-untyped-def]
+    assert train(tiny_llama_dir, sft_data, tmp_path / "w", "--warmup-ratio", ratio) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--warmup-ratio" in err[0] and "[0, 1)" in err[0]
+
+
+def test_warmup_ratio_is_a_fraction_of_the_steps(tmp_path: Path) -> None:
+    from training.run import _training_args
+
+    cfg = SFTConfig(data="d", out=str(tmp_path / "o"), warmup_ratio=0.25, max_steps=40)
+    args = _training_args(cfg, tmp_path / "o.run", has_eval=False)
+    assert args.get_warmup_steps(40) == 10  # a ratio, not 0 steps (int(0.25)) nor 1 step
