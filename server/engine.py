@@ -1,7 +1,7 @@
 """The engine interface: what the gateway needs from whatever runs the K members.
 
 Two implementations: :class:`server.vllm_engine.VLLMEngine` (production, over HTTP) and
-``training.local_engine.LocalEngine`` (in-process transformers + peft). Unit tests drive
+an in-process engine the application may plug in (transformers + peft). Unit tests drive
 the vLLM engine through ``httpx.MockTransport``.
 
 Everything is in token ids: the prompt is rendered once, candidates are generated and

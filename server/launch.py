@@ -1,6 +1,9 @@
 """``softspec serve``: validate settings, start the engine (a vLLM child process unless
 ``--vllm-url``), and run the gateway with uvicorn until SIGINT/SIGTERM.
 
+Which engine serves is the application's choice (``softspec/serve_cmd.py`` passes it in
+as ``choose_engine``); this module knows only its own, vLLM.
+
 Everything is checked before anything starts: the settings (flags over ``SOFTSPEC_*``
 variables), the manifest and adapter hashes, the gateway port. A vLLM child is stopped
 on every exit path (normal, signal, error); if this process is killed outright, the
@@ -23,9 +26,18 @@ from ensemble.errors import ConfigError
 from server.engine import Engine
 from server.metrics import Metrics
 from server.settings import Settings
+from server.vllm_args import ensemble_adapters, ensemble_model
 from server.vllm_process import VLLMProcess, _port_free
 
-__all__ = ["build_parser", "run_serve", "settings_from_args"]
+__all__ = [
+    "EngineChoice",
+    "EngineFactory",
+    "build_parser",
+    "run_serve",
+    "settings_from_args",
+    "vllm_engine",
+    "vllm_process",
+]
 
 log = logging.getLogger("softspec.server")
 
@@ -76,21 +88,20 @@ def settings_from_args(argv: Sequence[str]) -> Settings:
     return settings
 
 
-def engine_factory(
-    settings: Settings, url: str | None
-) -> Callable[[manifest_io.EnsembleManifest, Metrics], Engine]:
-    if settings.engine == "local":
-        from training.local_engine import LocalEngine
+EngineFactory = Callable[[manifest_io.EnsembleManifest, Metrics], Engine]
+# The application's choice of engine: (settings, the vLLM URL or None) → a factory.
+EngineChoice = Callable[[Settings, str | None], EngineFactory]
 
-        def local(manifest: manifest_io.EnsembleManifest, metrics: Metrics) -> Engine:
-            return LocalEngine(settings.ensemble, manifest, base_model=settings.base_model)
 
-        return local
-
+def vllm_engine(settings: Settings, url: str | None) -> EngineFactory:
+    """The gateway's own engine: vLLM at ``url`` (the child's or ``--vllm-url``)."""
     from server.vllm_engine import VLLMEngine
 
     def vllm(manifest: manifest_io.EnsembleManifest, metrics: Metrics) -> Engine:
-        assert url is not None
+        if url is None:
+            raise ConfigError(
+                "the vLLM engine needs a URL: pass --vllm-url or let serve start vLLM"
+            )
         return VLLMEngine(
             url, manifest, timeout=settings.request_timeout, metrics=metrics,
             max_model_len=settings.max_model_len,
@@ -102,14 +113,9 @@ def engine_factory(
 def vllm_process(settings: Settings, manifest: manifest_io.EnsembleManifest) -> VLLMProcess:
     """The vLLM child for this ensemble: every member as a versioned LoRA module."""
     root = Path(settings.ensemble)
-    base = settings.base_model or manifest.resolve_base_model(root)
-    adapters = {
-        manifest.served_name(m): str(manifest.adapter_dir(root, m).resolve())
-        for m in manifest.member_names
-    }
     return VLLMProcess(
-        model=base,
-        adapters=adapters,
+        model=ensemble_model(root, manifest, settings),
+        adapters=ensemble_adapters(root, manifest),
         max_lora_rank=manifest.lora.r,
         max_logprobs=settings.top_logprobs,
         max_model_len=settings.max_model_len,
@@ -130,7 +136,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def run_serve(argv: Sequence[str]) -> int:
+def run_serve(argv: Sequence[str], choose_engine: EngineChoice = vllm_engine) -> int:
+    """Run the gateway; ``choose_engine`` (the application's wiring) makes the engine."""
     import uvicorn
 
     from server.app import create_app
@@ -161,7 +168,7 @@ def run_serve(argv: Sequence[str]) -> int:
                 server.should_exit = True
 
         app = create_app(
-            settings, engine_factory(settings, url), manifest,
+            settings, choose_engine(settings, url), manifest,
             supervise=settings.engine == "vllm", process=child, on_give_up=give_up,
         )  # fmt: skip
         where = f"http://{settings.host}:{settings.port}"

@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ensemble.scores import GATE_SCORES
 from server.gate import GateAction
+from server.vllm_args import VLLMShape
 
-__all__ = ["MIN_DEADLINE", "Settings", "get_settings"]
+__all__ = ["MIN_DEADLINE", "Settings"]
 
 MIN_DEADLINE = 1.0  # seconds: no deadline below this fits even a one-token generation
 
 
-class Settings(BaseSettings):
-    """Everything ``softspec serve`` can be told; env vars are ``SOFTSPEC_<NAME>``."""
+class Settings(VLLMShape, BaseSettings):
+    """Everything ``softspec serve`` can be told; env vars are ``SOFTSPEC_<NAME>``.
 
-    model_config = SettingsConfigDict(env_prefix="SOFTSPEC_", extra="ignore")
+    The settings that shape vLLM (``base_model``, ``top_logprobs``, ``max_model_len``,
+    ``vllm_dtype``, ``vllm_args``) come from :class:`server.vllm_args.VLLMShape`.
+    Lists are comma- or space-separated strings (no JSON decoding).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SOFTSPEC_", extra="ignore", enable_decoding=False)
 
     ensemble: Path = Field(description="ensemble directory (ensemble.json + adapters/)")
     engine: Literal["vllm", "local"] = "vllm"
     vllm_url: str | None = Field(default=None, description="external vLLM server; else start one")
-    base_model: str | None = Field(default=None, description="override the manifest's base model")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    api_keys: Annotated[list[str], NoDecode] = Field(
+    api_keys: list[str] = Field(
         default_factory=list, repr=False, description="comma-separated bearer keys; empty = no auth"
     )
     gate_score: str | None = Field(default=None, description="override the manifest's gate score")
@@ -36,11 +40,7 @@ class Settings(BaseSettings):
     gate_action: GateAction = GateAction.FLAG
     abstain_text: str = "I'm not confident enough to answer that."
     request_timeout: float = Field(default=120.0, gt=0, description="seconds per upstream call")
-    top_logprobs: int = Field(default=20, ge=1, le=20, description="N top log-probs per position")
-    max_model_len: int = Field(default=2048, ge=16)
     vllm_startup_timeout: float = Field(default=600.0, gt=0)
-    vllm_dtype: str = "float32"
-    vllm_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: str = "info"
     # --- reliability (docs/reliability.md) -----------------------------------------
     max_concurrency: int = Field(
@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="delay after a failed restart; doubles per failure (≤ 30 s)"
     )
 
-    @field_validator("api_keys", "vllm_args", mode="before")
+    @field_validator("api_keys", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):
@@ -99,8 +99,3 @@ class Settings(BaseSettings):
                 f"generation ({MIN_DEADLINE:g} s)"
             )
         return self
-
-
-@lru_cache
-def get_settings() -> Settings:  # pragma: no cover - replaced by the app factory
-    return Settings()  # type: ignore[call-arg]

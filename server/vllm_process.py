@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,8 +25,9 @@ from types import TracebackType
 import httpx
 
 from ensemble.errors import SoftspecError
+from server.vllm_args import VLLM_MODULE, cuda_available, server_args
 
-__all__ = ["EngineStartError", "VLLMProcess", "cuda_available", "die_with_parent", "free_port"]
+__all__ = ["EngineStartError", "VLLMProcess", "die_with_parent", "free_port"]
 
 
 class EngineStartError(SoftspecError):
@@ -39,17 +39,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def cuda_available() -> bool:
-    """True when an NVIDIA GPU is visible (checked without importing torch)."""
-    if shutil.which("nvidia-smi") is None:
-        return False
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and b"GPU" in out.stdout
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -87,24 +76,13 @@ class VLLMProcess:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model,
-            "--host", self.host, "--port", str(self.port),
-            "--dtype", self.dtype,
-            "--max-model-len", str(self.max_model_len),
-            "--max-logprobs", str(self.max_logprobs),
-            "--enable-prefix-caching",
-            "--disable-uvicorn-access-log",
-        ]  # fmt: skip
-        if self.adapters:
-            cmd += ["--enable-lora", "--max-loras", str(max(1, len(self.adapters)))]
-            cmd += ["--max-lora-rank", str(_lora_rank_bucket(self.max_lora_rank))]
-            cmd += ["--lora-modules", *(f"{n}={p}" for n, p in self.adapters.items())]
-        if not cuda_available():
-            # CPU backend: eager mode starts faster; the KV cache size is set in env below.
-            cmd += ["--enforce-eager"]
-        return cmd + list(self.extra_args)
+        args = server_args(
+            model=self.model, adapters=self.adapters, host=self.host, port=self.port,
+            max_lora_rank=self.max_lora_rank, max_logprobs=self.max_logprobs,
+            max_model_len=self.max_model_len, dtype=self.dtype, eager=not cuda_available(),
+            extra=self.extra_args,
+        )  # fmt: skip
+        return [sys.executable, "-m", VLLM_MODULE, *args]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -259,11 +237,3 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _lora_rank_bucket(r: int) -> int:
-    """vLLM accepts only some --max-lora-rank values; take the smallest that fits ``r``."""
-    for bucket in (1, 8, 16, 32, 64, 128, 256, 320, 512):
-        if r <= bucket:
-            return bucket
-    raise EngineStartError(f"LoRA rank {r} is larger than vLLM supports (512)")

@@ -596,30 +596,47 @@ SETTING_CASES = {
 
 
 @pytest.mark.parametrize("case", SETTING_CASES)
-def test_standalone_mode_mirrors_the_gateway(
-    case: str, ensemble_dir: tuple[Path, EnsembleManifest]
+def test_helper_reads_the_vllm_shaping_settings(
+    case: str, ensemble_dir: tuple[Path, EnsembleManifest], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The helper (environment only) and `softspec serve` (Settings) give the same list."""
+    from ensemble import manifest as manifest_io
+    from server.launch import vllm_process
+
     root, _ = ensemble_dir
     env = clean_env(**SETTING_CASES[case])
     full = helper_lines(root, env=env)
-    assert helper_lines(root, "--standalone", env=env) == full
-    # without the gateway's packages (the vllm/vllm-openai image) it falls back by itself
-    code = (
-        "import runpy, sys; sys.modules['server'] = None; "
-        f"sys.argv = ['vllm-args', {str(root)!r}]; "
-        f"runpy.run_path({str(HELPER)!r}, run_name='__main__')"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == full
+    for k in list(os.environ):
+        if k.startswith("SOFTSPEC_"):
+            monkeypatch.delenv(k)
+    for k, v in SETTING_CASES[case].items():
+        monkeypatch.setenv(k, v)
+    proc = vllm_process(Settings(ensemble=root), manifest_io.load(root))  # type: ignore[call-arg]
+    proc.host, proc.port = "0.0.0.0", 8000
+    assert proc.command()[3:] == full
     if case == "overrides":
         assert flag(full, "--max-model-len") == "1024"
         assert flag(full, "--max-logprobs") == "5"
         assert flag(full, "--dtype") == "bfloat16"
         assert flag(full, "--model") == "/data/models/other"
         assert full[-4:] == ["--seed", "7", "--max-num-seqs", "16"]
+
+
+def test_helper_without_the_server_package_says_what_to_mount(
+    ensemble_dir: tuple[Path, EnsembleManifest],
+) -> None:
+    root, _ = ensemble_dir
+    code = (
+        "import runpy, sys; sys.modules['server'] = None; "
+        f"sys.argv = ['vllm-args', {str(root)!r}]; "
+        f"runpy.run_path({str(HELPER)!r}, run_name='__main__')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), check=False
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("vllm-args: error:") and "server/" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_helper_runs_from_any_directory(
@@ -631,32 +648,30 @@ def test_helper_runs_from_any_directory(
     assert "--enable-lora" in out.stdout.splitlines()
 
 
-@pytest.mark.parametrize("mode", [[], ["--standalone"]], ids=["gateway", "standalone"])
-def test_helper_errors_are_one_line_and_print_no_arguments(mode: list[str], tmp_path: Path) -> None:
-    missing = run_helper(tmp_path / "nowhere", *mode)
+def test_helper_errors_are_one_line_and_print_no_arguments(tmp_path: Path) -> None:
+    missing = run_helper(tmp_path / "nowhere")
     assert missing.returncode == 2 and missing.stdout == ""
     assert missing.stderr.startswith("vllm-args: error:") and "ensemble.json" in missing.stderr
 
     root = tmp_path / "tampered"
     make_ensemble(root)
     (root / "adapters" / "m1" / ADAPTER_FILE).write_bytes(b"changed")
-    bad = run_helper(root, *mode)
+    bad = run_helper(root)
     assert bad.returncode == 2 and bad.stdout == ""
     assert "member m1" in bad.stderr and "Traceback" not in bad.stderr
 
     spaced = tmp_path / "with space"
     make_ensemble(spaced)
-    split = run_helper(spaced, *mode)
+    split = run_helper(spaced)
     assert split.returncode == 2 and split.stdout == ""
     assert "whitespace" in split.stderr
 
 
 def test_helper_rejects_bad_settings(ensemble_dir: tuple[Path, EnsembleManifest]) -> None:
     root, _ = ensemble_dir
-    for mode in ([], ["--standalone"]):
-        out = run_helper(root, *mode, env=clean_env(SOFTSPEC_MAX_MODEL_LEN="8"))
-        assert out.returncode == 2 and out.stdout == "", mode
-        assert "SOFTSPEC_MAX_MODEL_LEN" in out.stderr
+    out = run_helper(root, env=clean_env(SOFTSPEC_MAX_MODEL_LEN="8"))
+    assert out.returncode == 2 and out.stdout == ""
+    assert "SOFTSPEC_MAX_MODEL_LEN" in out.stderr
 
 
 # ---------------------------------------------------------------------------- start-up line
@@ -949,10 +964,11 @@ def test_gpu_override() -> None:
     assert vllm.get("pull_policy") != "never"
     devices = vllm["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
-    # the stock image has no softspec: vllm-args.py needs the ensemble package next to it
+    # the stock image has no softspec: vllm-args.py needs ensemble/ and server/ next to it
     mounts = [str(v).split(":") for v in vllm.get("volumes", [])]
-    ens = Path(IMAGE_HELPER).parent.parent / "ensemble"
-    assert any(m[1] == str(ens) and (DEPLOY / m[0]).resolve() == REPO / "ensemble" for m in mounts)
+    for pkg in ("ensemble", "server"):
+        inside = Path(IMAGE_HELPER).parent.parent / pkg
+        assert any(m[1] == str(inside) and (DEPLOY / m[0]).resolve() == REPO / pkg for m in mounts)
     assert "entrypoint" not in vllm, "the base start-up line (python3, set -e) must apply"
 
 
