@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def mixed_training_file(data: Path, out: Path, seed: int) -> Path:
-    from softspec.default_data import read_jsonl
+    from ensemble.jsonl import read_jsonl
 
     rows = read_jsonl(data / "sft_topics_train.jsonl") + read_jsonl(
         data / "sft_conflict_train.jsonl"
@@ -83,7 +83,7 @@ def specialisation(ens_dir: Path, data: Path, alpha: float, limit: int) -> dict[
 
 
 def disagreement(client: Any, data: Path, n: int, max_tokens: int) -> dict[str, float]:
-    from softspec.default_data import read_jsonl
+    from ensemble.jsonl import read_jsonl
 
     def prompts(name: str) -> list[str]:
         seen = []
@@ -111,7 +111,7 @@ def disagreement(client: Any, data: Path, n: int, max_tokens: int) -> dict[str, 
 def ood_auroc(
     client: Any, data: Path, n: int, max_tokens: int, members: list[str]
 ) -> dict[str, Any]:
-    from softspec.default_data import read_jsonl
+    from ensemble.jsonl import read_jsonl
     from softspec.evaluate import compute_metrics, evaluate_rows
 
     rows = read_jsonl(data / "eval_ood.jsonl")

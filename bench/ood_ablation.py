@@ -109,7 +109,7 @@ def evaluate(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(calibration, evaluation, conflict) predictions through a real gateway."""
     from clients import SoftSpecClient
-    from softspec.default_data import read_jsonl
+    from ensemble.jsonl import read_jsonl
     from softspec.evaluate import evaluate_rows
     from softspec.serving import start_server, stop_server
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ensemble import metrics as M
-    from softspec.default_data import read_jsonl
+    from ensemble.jsonl import read_jsonl
     from softspec.paths import default_data_dir
     from training.model import load_ensemble
 

@@ -276,7 +276,7 @@ def run_eval(argv: Sequence[str]) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from clients import SoftSpecClient
-    from softspec.default_data import read_jsonl
+    from ensemble.jsonl import read_jsonl
     from softspec.eval_plots import write_plots
 
     if args.calibrate_gate is not None and not 0.0 < args.calibrate_gate < 1.0:
