@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import openai
@@ -40,6 +40,7 @@ __all__ = [
     "Gate",
     "GateDecision",
     "ProtocolError",
+    "RequestOptions",
     "SelectMode",
     "SoftSpecClient",
     "TokenUncertainty",
@@ -268,24 +269,54 @@ def _messages(messages: _Messages) -> list[dict[str, Any]]:
     return [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
 
 
-def _ensemble_options(
-    members: list[str] | None,
-    select: SelectMode | None,
-    samples_per_member: int | None,
-    return_candidates: bool,
-    per_token: bool,
-    decode: DecodeMode | None,
-) -> dict[str, Any]:
-    """The ``ensemble`` request extra, holding only what differs from the server's defaults."""
-    opts: dict[str, Any] = {
-        "members": members,
-        "select": select,
-        "samples_per_member": samples_per_member,
-        "return_candidates": return_candidates or None,
-        "per_token": per_token or None,
-        "decode": decode,
-    }
-    return {k: v for k, v in opts.items() if v is not None}
+@dataclass(frozen=True)
+class RequestOptions:
+    """What one request asks for; :meth:`SoftSpecClient.chat`, ``complete`` and ``stream_chat``
+    share it.
+
+    ``model`` defaults to the ensemble (use :meth:`SoftSpecClient.member` for one member
+    alone). ``None`` and ``False`` keep the server's defaults and are not sent. ``members``,
+    ``select``, ``samples_per_member``, ``return_candidates``, ``per_token`` and ``decode``
+    make the request's ``ensemble`` extra (docs/api.md). With
+    ``raise_on_abstain`` an abstention raises :class:`Abstained` instead of returning the
+    abstention text. ``sdk_kwargs`` go to the SDK's ``create`` call unchanged.
+    """
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    members: list[str] | None = None
+    select: SelectMode | None = None
+    samples_per_member: int | None = None
+    return_candidates: bool = False
+    per_token: bool = False
+    decode: DecodeMode | None = None
+    raise_on_abstain: bool = False
+    sdk_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def merged(cls, options: RequestOptions | None, kwargs: Mapping[str, Any]) -> RequestOptions:
+        """``options`` (or the defaults) with keyword arguments applied on top.
+
+        A keyword named like a field replaces it; any other keyword is an SDK argument.
+        """
+        base = options or cls()
+        names = {f.name for f in fields(cls)} - {"sdk_kwargs"}
+        own = {k: v for k, v in kwargs.items() if k in names}
+        sdk = {k: v for k, v in kwargs.items() if k not in names}
+        return replace(base, **own, sdk_kwargs={**base.sdk_kwargs, **sdk})
+
+    def ensemble_extra(self) -> dict[str, Any]:
+        """The ``ensemble`` request extra, holding only what differs from the server's defaults."""
+        opts: dict[str, Any] = {
+            "members": self.members,
+            "select": self.select,
+            "samples_per_member": self.samples_per_member,
+            "return_candidates": self.return_candidates or None,
+            "per_token": self.per_token or None,
+            "decode": self.decode,
+        }
+        return {k: v for k, v in opts.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- the client
@@ -340,116 +371,63 @@ class SoftSpecClient:
 
     # ------------------------------------------------------------------ requests
 
-    def _request(
-        self,
-        model: str | None,
-        max_tokens: int | None,
-        temperature: float | None,
-        ensemble: dict[str, Any],
-        openai_kwargs: dict[str, Any],
-    ) -> dict[str, Any]:
+    def _request(self, opts: RequestOptions) -> dict[str, Any]:
         """SDK keyword arguments: standard fields plus ``ensemble`` merged into extra_body."""
-        kwargs = dict(openai_kwargs)
-        kwargs["model"] = model or self.ensemble_id()
-        if max_tokens is not None:
-            kwargs["max_tokens"] = max_tokens
-        if temperature is not None:
-            kwargs["temperature"] = temperature
+        kwargs = dict(opts.sdk_kwargs)
+        kwargs["model"] = opts.model or self.ensemble_id()
+        if opts.max_tokens is not None:
+            kwargs["max_tokens"] = opts.max_tokens
+        if opts.temperature is not None:
+            kwargs["temperature"] = opts.temperature
+        ensemble = opts.ensemble_extra()
         if ensemble:
             kwargs["extra_body"] = {**(kwargs.get("extra_body") or {}), "ensemble": ensemble}
         return kwargs
 
     def chat(
-        self,
-        messages: _Messages,
-        *,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        members: list[str] | None = None,
-        select: SelectMode | None = None,
-        samples_per_member: int | None = None,
-        return_candidates: bool = False,
-        per_token: bool = False,
-        decode: DecodeMode | None = None,
-        raise_on_abstain: bool = False,
-        **openai_kwargs: Any,
+        self, messages: _Messages, options: RequestOptions | None = None, **kwargs: Any
     ) -> EnsembleAnswer:
         """``POST /v1/chat/completions``; a ``str`` is sent as one user message.
 
-        ``model`` defaults to the ensemble (use :meth:`member` for one member alone);
-        ``None`` options keep the server's defaults. With ``raise_on_abstain`` an
-        abstention raises :class:`Abstained` instead of returning the abstention text.
-        Further keyword arguments go to ``chat.completions.create`` unchanged.
+        Options come as a :class:`RequestOptions`, as keyword arguments named like its fields
+        (``client.chat(q, max_tokens=8, per_token=True)``), or both (keywords win); any
+        other keyword argument goes to ``chat.completions.create`` unchanged.
         """
-        ensemble = _ensemble_options(
-            members, select, samples_per_member, return_candidates, per_token, decode
-        )
-        kwargs = self._request(model, max_tokens, temperature, ensemble, openai_kwargs)
+        opts = RequestOptions.merged(options, kwargs)
         resp = self.openai.chat.completions.create(
-            messages=cast(Any, _messages(messages)), **kwargs
+            messages=cast(Any, _messages(messages)), **self._request(opts)
         )
         choice = resp.choices[0]
         answer = _answer(
             choice.message.content or "", choice.model_dump(), resp.model_dump(), resp.usage, resp
         )
-        return _checked(answer, raise_on_abstain)
+        return _checked(answer, opts.raise_on_abstain)
 
     def complete(
-        self,
-        prompt: str,
-        *,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        members: list[str] | None = None,
-        select: SelectMode | None = None,
-        samples_per_member: int | None = None,
-        return_candidates: bool = False,
-        per_token: bool = False,
-        decode: DecodeMode | None = None,
-        raise_on_abstain: bool = False,
-        **openai_kwargs: Any,
+        self, prompt: str, options: RequestOptions | None = None, **kwargs: Any
     ) -> EnsembleAnswer:
         """``POST /v1/completions`` on a raw prompt; options as in :meth:`chat`."""
-        ensemble = _ensemble_options(
-            members, select, samples_per_member, return_candidates, per_token, decode
-        )
-        kwargs = self._request(model, max_tokens, temperature, ensemble, openai_kwargs)
-        resp = self.openai.completions.create(prompt=prompt, **kwargs)
+        opts = RequestOptions.merged(options, kwargs)
+        resp = self.openai.completions.create(prompt=prompt, **self._request(opts))
         choice = resp.choices[0]
         answer = _answer(choice.text, choice.model_dump(), resp.model_dump(), resp.usage, resp)
-        return _checked(answer, raise_on_abstain)
+        return _checked(answer, opts.raise_on_abstain)
 
     def stream_chat(
-        self,
-        messages: _Messages,
-        *,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        members: list[str] | None = None,
-        select: SelectMode | None = None,
-        samples_per_member: int | None = None,
-        return_candidates: bool = False,
-        per_token: bool = False,
-        decode: DecodeMode | None = None,
-        raise_on_abstain: bool = False,
-        **openai_kwargs: Any,
+        self, messages: _Messages, options: RequestOptions | None = None, **kwargs: Any
     ) -> Iterator[str | EnsembleAnswer]:
         """Stream a chat answer: yields text deltas (``str``), then one :class:`EnsembleAnswer`.
 
-        The answer's extras come from the chunk carrying ``finish_reason``; its ``usage``
-        from the last chunk (``include_usage`` is always requested). With
-        ``raise_on_abstain`` an abstention raises :class:`Abstained` after the deltas.
+        Options as in :meth:`chat`. The answer's extras come from the chunk carrying
+        ``finish_reason``; its ``usage`` from the last chunk (``include_usage`` is always
+        requested). With ``raise_on_abstain`` an abstention raises :class:`Abstained` after
+        the deltas.
         """
-        ensemble = _ensemble_options(
-            members, select, samples_per_member, return_candidates, per_token, decode
-        )
-        kwargs = self._request(model, max_tokens, temperature, ensemble, openai_kwargs)
-        kwargs["stream_options"] = {**(kwargs.get("stream_options") or {}), "include_usage": True}
+        opts = RequestOptions.merged(options, kwargs)
+        request = self._request(opts)
+        request["stream_options"] = {**(request.get("stream_options") or {}), "include_usage": True}
         stream = self.openai.chat.completions.create(
-            messages=cast(Any, _messages(messages)), stream=True, **kwargs
+            messages=cast(Any, _messages(messages)), stream=True, **request
         )
         parts: list[str] = []
         final: Any = None
@@ -470,4 +448,4 @@ class SoftSpecClient:
         answer = _answer(
             "".join(parts), final.choices[0].model_dump(), final.model_dump(), usage, final
         )
-        yield _checked(answer, raise_on_abstain)
+        yield _checked(answer, opts.raise_on_abstain)

@@ -1,9 +1,18 @@
-"""The client on the real gateway app (fake vLLM behind httpx.MockTransport), via the openai SDK."""
+"""The client, through the openai SDK, on canned responses and on the real gateway app.
+
+The canned responses (``httpx.MockTransport``) hold values that no gateway would compute
+together (``total`` is not ``epistemic + aleatoric``): the client must hand back exactly
+what was sent, never recompute it. The gateway tests (a fake vLLM behind the real app)
+compare every parsed field with the JSON of the same request sent without the SDK.
+"""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
+import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,9 +27,12 @@ from clients.softspec_client import (
     Abstained,
     Candidate,
     EnsembleAnswer,
+    Gate,
     ProtocolError,
+    RequestOptions,
     SoftSpecClient,
     TokenUncertainty,
+    Uncertainty,
 )
 from ensemble.manifest import EnsembleManifest, GateSpec
 from ensemble.scores import DEFAULT_GATE_SCORE
@@ -38,6 +50,216 @@ def make_client(
     return SoftSpecClient("http://testserver", http_client=http, max_retries=0), http, manifest
 
 
+# --------------------------------------------------------------------------- canned responses
+
+CANNED_UNCERTAINTY = {
+    "epistemic": 0.125,
+    "aleatoric": 0.5,
+    "total": 0.875,  # not epistemic + aleatoric: the client must not recompute it
+    "sequence_epistemic": 0.25,
+    "disagreement": 1 / 3,
+    "novelty": -0.5,
+    "prompt_novelty": 0.75,
+    "combined": 0.96875,
+    "per_token": [
+        {"token": " Par", "epistemic": 0.2, "aleatoric": 0.3, "total": 0.7},
+        {"token": "is", "epistemic": 0.05, "aleatoric": 0.7, "total": 1.5},
+    ],
+}
+CANNED_EXTRAS = {
+    "uncertainty": CANNED_UNCERTAINTY,
+    "responsibilities": {"m0": 0.2, "m1": 0.7, "m2": 0.1},
+    "candidates": [
+        {"member": "m1", "text": " Paris", "scores": {"m0": -1.5, "m1": -0.25, "m2": -3.0},
+         "mixture_logprob": -0.5},
+        {"member": "m2", "text": " London", "scores": {"m0": -4.0, "m1": -5.0, "m2": -0.75},
+         "mixture_logprob": -2.5},
+    ],
+}  # fmt: skip
+CANNED_GATE = {"decision": "flag", "score": 0.96875, "score_name": "combined", "threshold": 0.95}
+CANNED_USAGE = {"prompt_tokens": 41, "completion_tokens": 7, "total_tokens": 48}
+CANNED_MODELS = ["ens:m0", "ens", "ens:m1", "ens:m2"]  # the ensemble is not listed first
+
+EXPECTED_UNCERTAINTY = Uncertainty(
+    epistemic=0.125,
+    aleatoric=0.5,
+    total=0.875,
+    sequence_epistemic=0.25,
+    disagreement=1 / 3,
+    novelty=-0.5,
+    prompt_novelty=0.75,
+    combined=0.96875,
+    per_token=[TokenUncertainty(" Par", 0.2, 0.3, 0.7), TokenUncertainty("is", 0.05, 0.7, 1.5)],
+)
+EXPECTED_CANDIDATES = [
+    Candidate("m1", " Paris", {"m0": -1.5, "m1": -0.25, "m2": -3.0}, -0.5),
+    Candidate("m2", " London", {"m0": -4.0, "m1": -5.0, "m2": -0.75}, -2.5),
+]
+EXPECTED_GATE = Gate(decision="flag", score=0.96875, score_name="combined", threshold=0.95)
+
+
+def sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + (
+        b"data: [DONE]\n\n"
+    )
+
+
+def canned_response(request: httpx.Request, gate: dict[str, Any]) -> httpx.Response:
+    """What a gateway sends, fixed: the same extras for chat, completions and streaming."""
+    head = {"id": "r1", "created": 0, "model": "ens"}
+    if request.url.path == "/v1/models":
+        data = [{"id": i, "object": "model", "created": 0, "owned_by": "x"} for i in CANNED_MODELS]
+        return httpx.Response(200, json={"object": "list", "data": data})
+    body = json.loads(request.content)
+    if request.url.path == "/v1/completions":
+        choice = {"index": 0, "text": " Paris", "finish_reason": "length", "logprobs": None}
+        return httpx.Response(200, json={**head, "object": "text_completion", "gate": gate,
+                                         "choices": [{**choice, **CANNED_EXTRAS}],
+                                         "usage": CANNED_USAGE})  # fmt: skip
+    chunk = {**head, "object": "chat.completion.chunk"}
+    if body.get("stream"):
+        return httpx.Response(
+            200,
+            headers={"content-type": "text/event-stream"},
+            content=sse(
+                {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": " Par"},
+                                       "finish_reason": None}]},
+                {**chunk, "gate": gate, "choices": [{"index": 0, "delta": {"content": "is"},
+                                                     "finish_reason": "stop", **CANNED_EXTRAS}]},
+                {**chunk, "choices": [], "usage": CANNED_USAGE},
+            ),
+        )  # fmt: skip
+    message = {"role": "assistant", "content": " Paris"}
+    return httpx.Response(200, json={**head, "object": "chat.completion", "gate": gate,
+                                     "choices": [{"index": 0, "message": message,
+                                                  "finish_reason": "stop", **CANNED_EXTRAS}],
+                                     "usage": CANNED_USAGE})  # fmt: skip
+
+
+def canned(
+    gate: dict[str, Any] = CANNED_GATE,
+) -> tuple[SoftSpecClient, list[dict[str, Any]], Callable[[], None]]:
+    """A client on canned responses, the JSON bodies it sent, and a closer."""
+    sent: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.content:
+            sent.append({"path": request.url.path, **json.loads(request.content)})
+        return canned_response(request, gate)
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    return SoftSpecClient("http://canned", http_client=http, max_retries=0), sent, http.close
+
+
+def test_chat_returns_exactly_what_the_server_sent() -> None:
+    client, _, close = canned()
+    a = client.chat("Capital of France?")
+    assert a.text == " Paris" and a.finish_reason == "stop"
+    assert a.uncertainty == EXPECTED_UNCERTAINTY
+    assert a.responsibilities == {"m0": 0.2, "m1": 0.7, "m2": 0.1}
+    assert a.top_member == ("m1", 0.7)
+    assert a.candidates == EXPECTED_CANDIDATES
+    assert a.gate == EXPECTED_GATE and a.gate.flagged and not a.gate.passed
+    assert a.usage == CANNED_USAGE
+    assert isinstance(a.raw, ChatCompletion) and a.raw.id == "r1"
+    close()
+
+
+def test_complete_and_stream_return_exactly_what_the_server_sent() -> None:
+    client, sent, close = canned()
+    c = client.complete("The capital of France is")
+    assert c.text == " Paris" and c.finish_reason == "length"
+    assert (c.uncertainty, c.candidates, c.gate) == (
+        EXPECTED_UNCERTAINTY,
+        EXPECTED_CANDIDATES,
+        EXPECTED_GATE,
+    )
+    assert sent[-1]["path"] == "/v1/completions"
+    assert sent[-1]["prompt"] == "The capital of France is"
+    events = list(client.stream_chat("Capital of France?"))
+    assert events[:2] == [" Par", "is"]
+    final = events[2]
+    assert len(events) == 3 and isinstance(final, EnsembleAnswer)
+    assert final.text == " Paris" and final.finish_reason == "stop"
+    assert final.uncertainty == EXPECTED_UNCERTAINTY and final.gate == EXPECTED_GATE
+    assert final.usage == CANNED_USAGE  # from the last chunk, which has no choices
+    assert sent[-1]["stream"] is True and sent[-1]["stream_options"] == {"include_usage": True}
+    close()
+
+
+def test_the_request_holds_the_options_and_only_those() -> None:
+    client, sent, close = canned()
+    client.chat("q")
+    assert sent[-1] == {
+        "path": "/v1/chat/completions",
+        "model": "ens",  # the first listed id without ':'
+        "messages": [{"role": "user", "content": "q"}],
+    }
+    client.chat(
+        "q", max_tokens=8, temperature=0, members=["m2", "m0"], select="majority",
+        samples_per_member=2, return_candidates=True, per_token=True, decode="token",
+        seed=3, extra_body={"other": 1},
+    )  # fmt: skip
+    assert sent[-1] == {
+        "path": "/v1/chat/completions",
+        "model": "ens",
+        "messages": [{"role": "user", "content": "q"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "seed": 3,
+        "other": 1,
+        "ensemble": {
+            "members": ["m2", "m0"],
+            "select": "majority",
+            "samples_per_member": 2,
+            "return_candidates": True,
+            "per_token": True,
+            "decode": "token",
+        },
+    }
+    close()
+
+
+def test_an_options_object_is_shared_and_keywords_override_it() -> None:
+    client, sent, close = canned()
+    opts = RequestOptions(model="ens:m1", max_tokens=8, per_token=True, sdk_kwargs={"seed": 5})
+    client.chat("q", opts)
+    client.complete("p", opts, max_tokens=2, seed=6)
+    list(client.stream_chat("q", opts, per_token=False))
+    chat, complete, stream = sent[-3:]
+    assert chat["model"] == "ens:m1" and chat["max_tokens"] == 8 and chat["seed"] == 5
+    assert chat["ensemble"] == {"per_token": True}
+    assert complete["max_tokens"] == 2 and complete["seed"] == 6
+    assert complete["ensemble"] == {"per_token": True}
+    assert "ensemble" not in stream and stream["max_tokens"] == 8
+    assert opts.max_tokens == 8 and dict(opts.sdk_kwargs) == {"seed": 5}  # not mutated
+    close()
+
+
+def test_raise_on_abstain_carries_the_answer() -> None:
+    gate = {**CANNED_GATE, "decision": "abstain"}
+    client, _, close = canned(gate)
+    assert client.chat("q").gate.abstained  # returned, not raised, by default
+    with pytest.raises(Abstained, match=r"combined = 0\.9688 > threshold 0\.95") as info:
+        client.chat("q", RequestOptions(raise_on_abstain=True))
+    assert info.value.answer.uncertainty == EXPECTED_UNCERTAINTY
+    stream = client.stream_chat("q", raise_on_abstain=True)
+    assert [next(stream), next(stream)] == [" Par", "is"]
+    with pytest.raises(Abstained):
+        next(stream)
+    close()
+
+
+def test_an_unknown_gate_decision_is_a_protocol_error() -> None:
+    client, _, close = canned({**CANNED_GATE, "decision": "escalate-maybe"})
+    with pytest.raises(ProtocolError, match="escalate-maybe"):
+        client.chat("q")
+    close()
+
+
+# --------------------------------------------------------------------------- the real gateway
+
+
 def test_models_ensemble_id_and_member_ids(gateway: Factory) -> None:
     client, _, manifest = make_client(gateway, k=2)
     assert client.models() == ["ens", "ens:m0", "ens:m1"]
@@ -48,31 +270,20 @@ def test_models_ensemble_id_and_member_ids(gateway: Factory) -> None:
     assert baseline.uncertainty.epistemic == 0.0
 
 
-def test_chat_fills_the_dataclasses_consistently(gateway: Factory) -> None:
+def as_sent(obj: Any) -> Any:
+    """A parsed dataclass as the JSON it came from: absent optional fields are None."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def with_nones(extra: dict[str, Any], cls: type) -> dict[str, Any]:
+    return {**{f.name: None for f in dataclasses.fields(cls)}, **extra}
+
+
+def test_chat_holds_exactly_what_the_gateway_sent(gateway: Factory) -> None:
     client, http, manifest = make_client(gateway, k=3, weights=[0.5, 0.3, 0.2])
     a = client.chat(QUESTION, max_tokens=6, temperature=0, return_candidates=True, per_token=True)
     assert isinstance(a, EnsembleAnswer) and isinstance(a.raw, ChatCompletion)
-    assert a.text == a.raw.choices[0].message.content and a.finish_reason in ("stop", "length")
-    u = a.uncertainty
-    assert u.total == pytest.approx(u.epistemic + u.aleatoric)
-    assert u.sequence_epistemic is not None and u.disagreement is not None
-    assert u.per_token is not None and all(isinstance(t, TokenUncertainty) for t in u.per_token)
-    assert len(u.per_token) == len(a.raw.choices[0].model_dump()["uncertainty"]["per_token"])
-    assert "".join(t.token for t in u.per_token if t.token != "<eos>") == a.text
-    assert u.epistemic == pytest.approx(sum(t.epistemic for t in u.per_token) / len(u.per_token))
-    assert list(a.responsibilities) == manifest.member_names
-    assert sum(a.responsibilities.values()) == pytest.approx(1.0)
-    name, weight = a.top_member
-    assert weight == max(a.responsibilities.values()) and a.responsibilities[name] == weight
-    assert a.candidates is not None and all(isinstance(c, Candidate) for c in a.candidates)
-    assert [c.member for c in a.candidates] == manifest.member_names
-    assert all(list(c.scores) == manifest.member_names for c in a.candidates)
-    assert a.text in {c.text for c in a.candidates}
-    assert a.gate.score_name == DEFAULT_GATE_SCORE
-    assert a.gate.score == pytest.approx(getattr(u, DEFAULT_GATE_SCORE))
-    assert a.gate.passed != a.gate.flagged and not a.gate.abstained
-    assert a.usage["total_tokens"] == a.usage["prompt_tokens"] + a.usage["completion_tokens"]
-    # the same request without the SDK: the dataclasses hold exactly what the gateway sent
+    # the same request without the SDK (the fake vLLM is deterministic)
     body = http.post(
         "/v1/chat/completions",
         json={
@@ -84,13 +295,19 @@ def test_chat_fills_the_dataclasses_consistently(gateway: Factory) -> None:
         },
     ).json()
     choice = body["choices"][0]
-    assert a.text == choice["message"]["content"]
-    assert a.uncertainty.epistemic == choice["uncertainty"]["epistemic"]
+    assert a.text == choice["message"]["content"] and a.finish_reason == choice["finish_reason"]
+    assert as_sent(a.uncertainty) == with_nones(choice["uncertainty"], Uncertainty)
+    assert len(choice["uncertainty"]["per_token"]) >= 1
     assert a.responsibilities == choice["responsibilities"]
-    assert [c.mixture_logprob for c in a.candidates] == [
-        c["mixture_logprob"] for c in choice["candidates"]
-    ]
-    assert a.gate.decision == body["gate"]["decision"] and a.usage == body["usage"]
+    assert list(a.responsibilities) == manifest.member_names
+    assert a.candidates is not None
+    assert [as_sent(c) for c in a.candidates] == choice["candidates"]
+    assert as_sent(a.gate) == body["gate"] and a.usage == body["usage"]
+    # what the gateway promises about these fields, checked on what the client returned
+    assert "".join(t.token for t in a.uncertainty.per_token or [] if t.token != "<eos>") == a.text
+    assert a.text in {c.text for c in a.candidates}
+    assert a.gate.score_name == DEFAULT_GATE_SCORE
+    assert a.gate.score == getattr(a.uncertainty, DEFAULT_GATE_SCORE)
 
 
 def test_chat_sends_the_ensemble_options(gateway: Factory) -> None:
@@ -123,14 +340,23 @@ def test_a_string_is_one_user_message(gateway: Factory) -> None:
     assert as_str.text == as_list.text and as_str.uncertainty == as_list.uncertainty
 
 
-def test_complete(gateway: Factory) -> None:
-    client, _, manifest = make_client(gateway, k=2)
-    a = client.complete("The capital of France is", max_tokens=4, temperature=0, per_token=True)
-    assert isinstance(a.raw, openai.types.Completion) and a.text == a.raw.choices[0].text
-    assert a.uncertainty.per_token is not None and 1 <= len(a.uncertainty.per_token) <= 4
+def test_complete_holds_exactly_what_the_gateway_sent(gateway: Factory) -> None:
+    client, http, manifest = make_client(gateway, k=2)
+    prompt = "The capital of France is"
+    a = client.complete(prompt, max_tokens=4, temperature=0, per_token=True)
+    assert isinstance(a.raw, openai.types.Completion)
+    body = http.post(
+        "/v1/completions",
+        json={"model": "ens", "prompt": prompt, "max_tokens": 4, "temperature": 0,
+              "ensemble": {"per_token": True}},
+    ).json()  # fmt: skip
+    choice = body["choices"][0]
+    assert a.text == choice["text"] and a.finish_reason == choice["finish_reason"]
+    assert as_sent(a.uncertainty) == with_nones(choice["uncertainty"], Uncertainty)
+    assert a.responsibilities == choice["responsibilities"]
     assert set(a.responsibilities) == set(manifest.member_names)
-    assert sum(a.responsibilities.values()) == pytest.approx(1.0)
-    assert a.gate.decision in ("pass", "flag") and a.candidates is None
+    assert as_sent(a.gate) == body["gate"] and a.usage == body["usage"]
+    assert a.candidates is None and "candidates" not in choice
 
 
 def test_stream_chat_matches_the_non_streamed_answer(gateway: Factory) -> None:
