@@ -192,7 +192,7 @@ def train_ensemble(cfg: TrainConfig) -> TrainResult:
         callbacks=[JsonlLogCallback(cfg.run_dir / LOG_FILE), TimeBudgetCallback(cfg.time_budget)],
     )
     trainer.remove_callback(ProgressCallback)  # replaced by one that shows loss on the bar
-    trainer.add_callback(PostfixProgressCallback())
+    trainer.add_callback(PostfixProgressCallback(cfg.time_budget))
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model()  # final state in the run dir (resume after a crash during export)
     steps = int(trainer.state.global_step)

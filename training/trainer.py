@@ -336,14 +336,55 @@ class TimeBudgetCallback(TrainerCallback):
 
 
 class PostfixProgressCallback(ProgressCallback):
-    """The usual step bar, with loss and routing entropy shown on it instead of printed."""
+    """The usual step bar, with loss and routing entropy shown on it instead of printed.
+
+    Under ``--time-budget`` the bar counts seconds against the budget (``elapsed/budget``)
+    instead of steps: the step total and its ETA would never be reached.
+    """
+
+    def __init__(self, time_budget: float = 0.0, file: Any = None) -> None:
+        super().__init__()
+        self.time_budget = time_budget
+        self.file = file
+        self.start = 0.0
+        self.shown: dict[str, str] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not self.time_budget:
+            super().on_train_begin(args, state, control, **kw)
+            return
+        self.start = time.monotonic()
+        self.current_step = 0
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.training_bar = tqdm(
+                total=round(self.time_budget),
+                unit="s",
+                dynamic_ncols=True,
+                file=self.file,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s time budget{postfix}",
+            )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not self.time_budget:
+            super().on_step_end(args, state, control, **kw)
+            return
+        if state.is_world_process_zero and self.training_bar is not None:
+            elapsed = min(time.monotonic() - self.start, float(self.training_bar.total))
+            self.training_bar.n = round(elapsed)
+            self.current_step = state.global_step
+            self.shown["step"] = str(state.global_step)
+            self.training_bar.set_postfix(self.shown, refresh=True)
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
     ) -> None:
         if state.is_world_process_zero and self.training_bar is not None and logs:
-            shown = {k: logs[k] for k in ("loss", "routing_entropy", "eval_loss") if k in logs}
-            self.training_bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            for k in ("loss", "routing_entropy", "eval_loss"):
+                if k in logs:
+                    self.shown[k] = f"{logs[k]:.4g}"
+            self.training_bar.set_postfix(self.shown, refresh=False)
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:

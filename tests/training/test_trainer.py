@@ -339,3 +339,32 @@ def test_warmup_ratio_is_a_fraction_of_the_steps(tmp_path: Path) -> None:
     cfg = SFTConfig(data="d", out=str(tmp_path / "o"), warmup_ratio=0.25, max_steps=40)
     args = _training_args(cfg, tmp_path / "o.run", has_eval=False)
     assert args.get_warmup_steps(40) == 10  # a ratio, not 0 steps (int(0.25)) nor 1 step
+
+
+def test_progress_under_a_time_budget_shows_the_budget_not_a_step_total() -> None:
+    import io
+    from types import SimpleNamespace
+
+    from training.trainer import PostfixProgressCallback
+
+    out = io.StringIO()
+    bar = PostfixProgressCallback(time_budget=60, file=out)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=165)
+    bar.on_train_begin(None, state, None)
+    state.global_step = 7
+    bar.on_step_end(None, state, None)
+    bar.on_log(None, state, None, logs={"loss": 1.5})
+    bar.on_train_end(None, state, None)
+    shown = out.getvalue().replace("\r", "\n").splitlines()[-1]
+    assert "/60s time budget" in shown and "step=7" in shown and "loss=1.5" in shown, shown
+    assert "165" not in shown  # the step total that would never be reached
+
+
+def test_time_budget_stops_training_and_exports(
+    tiny_llama_dir: Path, sft_data: Path, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    args = ["--members", "2", "--max-steps", "100000", "--batch-size", "4", "--time-budget", "2"]
+    assert train(tiny_llama_dir, sft_data, tmp_path / "tb", *args) == 0
+    steps = load_manifest(tmp_path / "tb").training["steps"]
+    assert 1 <= steps < 100000
+    assert "/2s time budget" in capsys.readouterr().err
