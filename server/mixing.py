@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,7 +25,16 @@ from ensemble.math import (
 from server.engine import Generation, TokenScores
 from server.protocol import SelectMode
 
-__all__ = ["Candidate", "MixOutcome", "mix", "per_token_uncertainty"]
+__all__ = [
+    "TOKEN_SCORES",
+    "Candidate",
+    "MixOutcome",
+    "mean_over_tokens",
+    "mix",
+    "per_token_uncertainty",
+]
+
+TOKEN_SCORES = ("epistemic", "aleatoric", "total")  # per position, exact decomposition
 
 
 @dataclass
@@ -55,7 +63,12 @@ class MixOutcome:
     per_token: list[dict[str, float]]  # one {total, aleatoric, epistemic} per answer token
     token_logprobs: list[float]  # log q̄_t(y_t) along the answer
     token_top: list[dict[int, float]]  # mixture top log-probs along the answer
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def mean_over_tokens(steps: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The answer-level token scores: each of :data:`TOKEN_SCORES` averaged over positions
+    (0 for an empty answer)."""
+    return {k: float(np.mean([s[k] for s in steps])) if steps else 0.0 for k in TOKEN_SCORES}
 
 
 def cross_scores(cands: Sequence[Candidate], members: Sequence[str]) -> np.ndarray:
@@ -89,9 +102,7 @@ def per_token_uncertainty(
     for t, a in enumerate(aligned):
         stack[t, :, : a.shape[1]] = a
     u = token_uncertainty_many(stack, log_weights)
-    steps = [
-        {key: float(u[key][t]) for key in ("total", "aleatoric", "epistemic")} for t in range(n)
-    ]
+    steps = [{key: float(u[key][t]) for key in TOKEN_SCORES} for t in range(n)]
     actual = np.array([s.logprobs for s in scores], dtype=np.float64)  # (K, T)
     token_lp = np.atleast_1d(mixture_logprob(actual, log_weights)).tolist()
     mix = np.logaddexp.reduce(log_weights[None, :, None] + stack, axis=1)  # (T, U_max + 1)
@@ -144,17 +155,13 @@ def mix(
     steps, token_lp, tops = per_token_uncertainty(
         [cands[answer].scores[m] for m in members], log_weights, top_n
     )
-    mean = {
-        key: float(np.mean([s[key] for s in steps])) if steps else 0.0
-        for key in ("epistemic", "aleatoric", "total")
-    }
     resp = responsibilities(L[:, answer], alpha, log_weights)
     return MixOutcome(
         answer=answer,
         L=L,
         mixture=mixture,
         uncertainty={
-            **mean,
+            **mean_over_tokens(steps),
             "sequence_epistemic": float(sequence_epistemic(L, generator, lengths, log_weights)),
             "disagreement": float(disagreement(firsts)),
         },

@@ -12,7 +12,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
+from server.engine import SamplingParams
+
 __all__ = [
+    "COMPLETION_MAX_TOKENS",
+    "DEFAULT_MAX_TOKENS",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
@@ -23,6 +27,11 @@ __all__ = [
 ]
 
 MAX_TOP_LOGPROBS = 20
+# max_tokens when the request does not say: OpenAI's 16 for /v1/completions; for chat, up
+# to 256, shrunk to what the context leaves after the prompt (EnsembleService.prompt_ids).
+COMPLETION_MAX_TOKENS = 16
+DEFAULT_MAX_TOKENS = 256
+GREEDY_BELOW = 1e-5  # vLLM's sampling epsilon: lower temperatures sample greedily
 
 # Where the OpenAI API is strict, so are we: JSON ``true`` is not the number 1, ``1`` is
 # not ``true`` and ``2.0`` is not a token count. Floats still take JSON integers.
@@ -130,6 +139,36 @@ class _Sampling(_Request):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    # --- what each endpoint defines ----------------------------------------------
+    @property
+    def token_limit(self) -> int | None:
+        """max_tokens as the client gave it (``None``: fit to the context)."""
+        raise NotImplementedError
+
+    @property
+    def logprobs_wanted(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def logprobs_top(self) -> int:
+        """Top log-probs per position the client asked for (0: none)."""
+        raise NotImplementedError
+
+    def to_sampling_params(self, top_n: int) -> SamplingParams:
+        """The engine's sampling parameters (``top_n``: log-probs the engine returns)."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        if temperature < GREEDY_BELOW:  # as vLLM does: a vanishing temperature is greedy
+            temperature = 0.0
+        return SamplingParams(
+            max_tokens=self.token_limit or DEFAULT_MAX_TOKENS,
+            temperature=temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            stop=tuple(self.stop_list),
+            seed=self.seed,
+            n=self.ensemble.samples_per_member,
+            top_n=top_n,
+        )
+
 
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
@@ -150,12 +189,20 @@ class ChatCompletionRequest(_Sampling):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def logprobs_wanted(self) -> bool:
+        return self.logprobs
+
+    @property
+    def logprobs_top(self) -> int:
+        return self.top_logprobs or 0
+
 
 class CompletionRequest(_Sampling):
     """``POST /v1/completions`` (one prompt: a string or a list of token ids)."""
 
     prompt: str | list[TokenId]
-    max_tokens: StrictInt = Field(default=16, ge=1)
+    max_tokens: StrictInt = Field(default=COMPLETION_MAX_TOKENS, ge=1)
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: StrictBool = False
 
@@ -178,3 +225,11 @@ class CompletionRequest(_Sampling):
     @property
     def token_limit(self) -> int:
         return self.max_tokens
+
+    @property
+    def logprobs_wanted(self) -> bool:
+        return self.logprobs is not None
+
+    @property
+    def logprobs_top(self) -> int:
+        return self.logprobs or 0

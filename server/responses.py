@@ -13,14 +13,16 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from server.service import Job, Outcome
+from server.service import CandidateTable, Job, Outcome
 
 __all__ = [
+    "candidate_entries",
     "chat_body",
     "chat_chunks",
     "completion_body",
     "completion_chunks",
     "gate_headers",
+    "per_token_entries",
     "sse",
 ]
 
@@ -42,13 +44,35 @@ def _content(out: Outcome, abstain_text: str) -> tuple[str, str]:
     return out.text, out.finish_reason
 
 
-def _extras(out: Outcome) -> dict[str, Any]:
-    extra: dict[str, Any] = {
-        "uncertainty": out.uncertainty,
-        "responsibilities": out.responsibilities,
-    }
+def per_token_entries(out: Outcome) -> list[dict[str, Any]]:
+    """``uncertainty.per_token``: each answer token's text and its token-level scores."""
+    return [
+        {"token": out.token_texts.get(t, ""), **{k: float(v) for k, v in step.items()}}
+        for t, step in zip(out.token_ids, out.per_token, strict=True)
+    ]
+
+
+def candidate_entries(table: CandidateTable) -> list[dict[str, Any]]:
+    """``candidates``: every candidate, who generated it, its log-likelihood under each
+    member and under the mixture (whole sequence, nats)."""
+    return [
+        {
+            "member": g.member,
+            "text": g.text,
+            "scores": {m: float(table.L[k, i]) for k, m in enumerate(table.members)},
+            "mixture_logprob": float(table.mixture[i]),
+        }
+        for i, g in enumerate(table.generations)
+    ]
+
+
+def _extras(job: Job, out: Outcome) -> dict[str, Any]:
+    uncertainty = dict(out.uncertainty)
+    if job.options.per_token:
+        uncertainty["per_token"] = per_token_entries(out)
+    extra: dict[str, Any] = {"uncertainty": uncertainty, "responsibilities": out.responsibilities}
     if out.candidates is not None:
-        extra["candidates"] = out.candidates
+        extra["candidates"] = candidate_entries(out.candidates)
     return extra
 
 
@@ -93,7 +117,7 @@ def chat_body(job: Job, out: Outcome, abstain_text: str) -> dict[str, Any]:
                 "message": {"role": "assistant", "content": text},
                 "logprobs": logprobs,
                 "finish_reason": finish,
-                **_extras(out),
+                **_extras(job, out),
             }
         ],
         "usage": out.usage.as_dict(),
@@ -117,7 +141,7 @@ def completion_body(job: Job, out: Outcome, abstain_text: str) -> dict[str, Any]
                 "text": text,
                 "logprobs": logprobs,
                 "finish_reason": finish,
-                **_extras(out),
+                **_extras(job, out),
             }
         ],
         "usage": out.usage.as_dict(),
@@ -163,7 +187,7 @@ class _Chunks:
             "index": 0,
             "finish_reason": finish,
             "logprobs": None,
-            **_extras(out),
+            **_extras(self.job, out),
         }
         if self.kind == "chat":
             body["delta"] = {}

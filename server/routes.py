@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
 from server.admission import Admission
-from server.engine import MixtureStep, SamplingParams
+from server.engine import MixtureStep
 from server.errors import (
     APIError,
     AuthenticationError,
@@ -43,8 +43,6 @@ from server.supervisor import EngineSupervisor
 __all__ = ["open_router", "router"]
 
 T = TypeVar("T")
-DEFAULT_MAX_TOKENS = 256  # chat requests without max_tokens (shrunk to fit the context)
-GREEDY_BELOW = 1e-5  # vLLM's sampling epsilon: lower temperatures sample greedily
 
 
 def service(request: Request) -> EnsembleService:
@@ -159,37 +157,16 @@ def display_name(base_model: str) -> str:
     return p.name if local else base_model
 
 
-def _job(
-    svc: EnsembleService,
-    req: ChatCompletionRequest | CompletionRequest,
-    prompt: Any,
-    limit: int | None,
-) -> Job:
-    want = (
-        bool(req.logprobs) if isinstance(req, ChatCompletionRequest) else req.logprobs is not None
-    )
-    top = (req.top_logprobs or 0) if isinstance(req, ChatCompletionRequest) else (req.logprobs or 0)
-    temperature = 1.0 if req.temperature is None else req.temperature
-    if temperature < GREEDY_BELOW:  # as vLLM does: a vanishing temperature is greedy decoding
-        temperature = 0.0
-    params = SamplingParams(
-        max_tokens=limit or DEFAULT_MAX_TOKENS,
-        temperature=temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        stop=tuple(req.stop_list),
-        seed=req.seed,
-        n=req.ensemble.samples_per_member,
-        top_n=svc.top_n,
-    )
+def _job(svc: EnsembleService, req: ChatCompletionRequest | CompletionRequest, prompt: Any) -> Job:
     return Job(
         model=req.model,
         members=svc.resolve_members(req.model, req.ensemble),
         prompt=prompt,
-        params=params,
+        params=req.to_sampling_params(svc.top_n),
         options=req.ensemble,
-        want_logprobs=want,
-        top_logprobs=top,
-        max_tokens_auto=limit is None,
+        want_logprobs=req.logprobs_wanted,
+        top_logprobs=req.logprobs_top,
+        max_tokens_auto=req.token_limit is None,
     )
 
 
@@ -427,7 +404,7 @@ async def chat_completions(
         for m in req.messages
     ]
     _check_prompt(request, messages, "messages")
-    job = _job(svc, req, messages, req.token_limit)
+    job = _job(svc, req, messages)
     include = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, job, "chat", req.stream, include, _budget(request, timeout))
 
@@ -438,7 +415,7 @@ async def completions(
 ) -> Any:
     svc = service(request)
     _check_prompt(request, req.prompt, "prompt")
-    job = _job(svc, req, req.prompt, req.token_limit)
+    job = _job(svc, req, req.prompt)
     include = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(
         request, job, "completion", req.stream, include, _budget(request, timeout)

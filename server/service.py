@@ -22,16 +22,17 @@ import numpy as np
 from ensemble.calibration import combined_score
 from ensemble.errors import ConfigError
 from ensemble.manifest import EnsembleManifest
+from ensemble.math import responsibilities
 from ensemble.novelty import novelty
 from ensemble.scores import Score
 from server.engine import BASE, Engine, Generation, MixtureStep, SamplingParams, TokenScores
 from server.errors import InvalidRequestError, ModelNotFoundError
 from server.gate import GateDecision, GatePolicy
 from server.metrics import Metrics
-from server.mixing import Candidate, MixOutcome, mix, renormalised
+from server.mixing import Candidate, MixOutcome, mean_over_tokens, mix, renormalised
 from server.protocol import DecodeMode, EnsembleOptions
 
-__all__ = ["EnsembleService", "Job", "Outcome", "Usage"]
+__all__ = ["CandidateTable", "EnsembleService", "Job", "Outcome", "Usage"]
 
 MEMBER_SEPARATOR = ":"
 
@@ -66,6 +67,16 @@ class Usage:
 
 
 @dataclass
+class CandidateTable:
+    """The candidates as the mixing saw them (``return_candidates``; responses.py shapes it)."""
+
+    members: list[str]
+    generations: list[Generation]
+    L: np.ndarray  # (K, M) log p_k(y_m | x)
+    mixture: np.ndarray  # (M,) log p̄(y_m | x)
+
+
+@dataclass
 class Outcome:
     text: str
     finish_reason: str
@@ -76,9 +87,9 @@ class Outcome:
     usage: Usage
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    candidates: list[dict[str, Any]] | None = None
+    candidates: CandidateTable | None = None
     token_texts: dict[int, str] = field(default_factory=dict)
-    per_token: list[dict[str, float]] = field(default_factory=list)
+    per_token: list[dict[str, float]] = field(default_factory=list)  # scores per answer token
 
 
 class EnsembleService:
@@ -272,22 +283,10 @@ class EnsembleService:
                     for t in list(top)[: job.top_logprobs]
                 }
             texts = await self.engine.token_texts(sorted(ids))
-        if job.options.per_token:
-            uncertainty["per_token"] = [
-                {"token": texts.get(t, ""), **{k: float(v) for k, v in step.items()}}
-                for t, step in zip(answer.token_ids, out.per_token, strict=True)
-            ]
         candidates = None
         if job.options.return_candidates:
-            candidates = [
-                {
-                    "member": c.member,
-                    "text": c.generation.text,
-                    "scores": {m: float(out.L[k, i]) for k, m in enumerate(job.members)},
-                    "mixture_logprob": float(out.mixture[i]),
-                }
-                for i, c in enumerate(cands)
-            ]
+            gens = [c.generation for c in cands]
+            candidates = CandidateTable(list(job.members), gens, out.L, out.mixture)
         return Outcome(
             text=answer.text,
             finish_reason=answer.finish_reason,
@@ -344,21 +343,17 @@ class EnsembleService:
     async def _token_outcome(
         self, job: Job, prompt: list[int], steps: list[MixtureStep], lw: np.ndarray
     ) -> Outcome:
-        from ensemble.math import responsibilities
-
         per = [s.uncertainty for s in steps]
-        mean = {
-            k: float(np.mean([p[k] for p in per])) if per else 0.0
-            for k in ("epistemic", "aleatoric", "total")
-        }
         L = np.array([sum(s.member_logprobs[m] for s in steps) for m in job.members])
         resp = responsibilities(L, self.manifest.alpha, lw) if steps else np.exp(lw)
-        uncertainty: dict[str, Any] = {**mean, "sequence_epistemic": None, "disagreement": None}
+        uncertainty: dict[str, Any] = {
+            **mean_over_tokens(per),
+            "sequence_epistemic": None,
+            "disagreement": None,
+        }
         span = await self._content_span(job, prompt)
         uncertainty.update(await self._token_novelty(job.members, prompt, span, steps, lw))
         self._with_combined(uncertainty)
-        if job.options.per_token:
-            uncertainty["per_token"] = [{"token": s.text, **s.uncertainty} for s in steps]
         gate = self.gate.decide(uncertainty)
         self._observe(uncertainty, gate)
         usage = Usage(
