@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from ensemble.manifest import load as load_manifest
-from ensemble.math import mixture_logprob
+from ensemble.math import disagreement, mixture_logprob, responsibilities, sequence_epistemic
 
 pytestmark = pytest.mark.slow
 
@@ -21,18 +21,44 @@ def sdk(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def check_invariants(choice: dict, manifest, members: list[str] | None = None) -> None:  # type: ignore[no-untyped-def]
+def log_weights(manifest, members: list[str]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    lw = np.array([np.log(manifest.member(m).weight) for m in members])
+    return lw - np.logaddexp.reduce(lw)
+
+
+def check_against_scores(choice: dict, manifest, members: list[str] | None = None) -> None:  # type: ignore[no-untyped-def]
+    """What the served numbers imply, recomputed independently with ensemble.math: the
+    mixture log-likelihood of every candidate from its per-member scores, the
+    responsibilities of the answer from its column of cross-scores, and the answer-level
+    token scores as the means of the per-token entries."""
+    members = members or manifest.member_names
+    lw = log_weights(manifest, members)
     u, r = choice["uncertainty"], choice["responsibilities"]
-    assert u["epistemic"] >= 0 and u["aleatoric"] >= 0
-    assert u["total"] == pytest.approx(u["epistemic"] + u["aleatoric"], abs=1e-9)
-    assert sum(r.values()) == pytest.approx(1.0, abs=1e-9)
-    assert set(r) == set(members or manifest.member_names)
-    for c in choice.get("candidates") or []:
-        lw = np.array([np.log(manifest.member(m).weight) for m in c["scores"]])
-        lw -= np.logaddexp.reduce(lw)
-        assert c["mixture_logprob"] == pytest.approx(
-            mixture_logprob(np.array(list(c["scores"].values())), lw), abs=1e-6
-        )
+    assert list(r) == members
+    if u.get("per_token"):
+        for key in ("epistemic", "aleatoric", "total"):
+            want = np.mean([t[key] for t in u["per_token"]])
+            assert u[key] == pytest.approx(want, abs=1e-9), key
+    cands = choice.get("candidates")
+    if not cands:
+        return
+    L = np.array([[c["scores"][m] for c in cands] for m in members])  # (K, M)
+    for i, c in enumerate(cands):
+        assert c["mixture_logprob"] == pytest.approx(mixture_logprob(L[:, i], lw), abs=1e-6)
+    text = choice["message"]["content"] if "message" in choice else choice["text"]
+    answer = next(i for i, c in enumerate(cands) if c["text"] == text)
+    want_r = responsibilities(L[:, answer], manifest.alpha, lw)
+    assert list(r.values()) == pytest.approx(list(want_r), abs=1e-6)
+
+
+def member_lengths(client: openai.OpenAI, members: list[str], **request: object) -> dict[str, tuple[str, int]]:  # fmt: skip
+    """Each member alone (greedy) through the gateway: its answer and its token count."""
+    out = {}
+    for m in members:
+        resp = client.chat.completions.create(model=f"smol:{m}", logprobs=True, **request)  # type: ignore[call-overload]
+        choice = resp.choices[0]
+        out[m] = (choice.message.content, len(choice.logprobs.content))
+    return out
 
 
 def test_models(smol_gateway: str) -> None:
@@ -42,30 +68,49 @@ def test_models(smol_gateway: str) -> None:
 
 def test_chat_completion_with_uncertainty(smol_gateway: str, smol_ensemble: Path) -> None:
     manifest = load_manifest(smol_ensemble)
-    raw = sdk(smol_gateway).chat.completions.with_raw_response.create(
-        model="smol", messages=QUESTION, max_tokens=24, temperature=0, logprobs=True, top_logprobs=3,
-        extra_body={"ensemble": {"return_candidates": True, "per_token": True}},
-    )  # fmt: skip
+    client = sdk(smol_gateway)
+    request = {"messages": QUESTION, "max_tokens": 24, "temperature": 0}
+    raw = client.chat.completions.with_raw_response.create(
+        model="smol", logprobs=True, top_logprobs=3,
+        extra_body={"ensemble": {"return_candidates": True, "per_token": True}}, **request,
+    )  # type: ignore[call-overload]  # fmt: skip
     resp = raw.parse()
     body = resp.model_dump()
     choice = body["choices"][0]
     assert choice["message"]["content"].strip()
-    check_invariants(choice, manifest)
+    check_against_scores(choice, manifest)
     cands = choice["candidates"]
-    assert [c["member"] for c in cands] == ["m0", "m1", "m2"]
+    members = manifest.member_names
+    assert [c["member"] for c in cands] == members
     # the standard logprobs are the mixture's, one per answer token, consistent with the scores
     content = resp.choices[0].logprobs.content  # type: ignore[union-attr]
     assert len(content) == len(choice["uncertainty"]["per_token"]) > 0
     assert all(len(t.top_logprobs) <= 3 and t.logprob <= 0 for t in content)
-    best = max(cands, key=lambda c: c["mixture_logprob"] / 1)  # the chosen one is among them
-    assert any(c["text"] == choice["message"]["content"] for c in cands) and best
-    assert body["gate"]["decision"] in ("pass", "flag")
-    assert raw.headers["x-gate-decision"] == body["gate"]["decision"]
-    # the base-relative scores come back through the official SDK as extra fields
+    # the served answer is the one the selection rule picks: the highest mixture
+    # log-likelihood per token (ties: the first); the token counts come from each member
+    # answering alone (greedy: the same candidate)
+    alone = member_lengths(client, members, **request)
+    assert [c["text"] for c in cands] == [alone[m][0] for m in members]
+    lengths = np.array([max(1, alone[m][1]) for m in members])
+    mixture = np.array([c["mixture_logprob"] for c in cands])
+    picked = int(np.argmax(mixture / lengths))
+    assert choice["message"]["content"] == cands[picked]["text"]
+    # the candidate-level scores, recomputed from the candidates
     u = choice["uncertainty"]
+    L = np.array([[c["scores"][m] for c in cands] for m in members])
+    lw = log_weights(manifest, members)
+    assert u["sequence_epistemic"] == pytest.approx(
+        sequence_epistemic(L, np.arange(len(members)), lengths, lw), abs=1e-9
+    )
+    assert u["disagreement"] == pytest.approx(disagreement([c["text"] for c in cands]))
+    gate = body["gate"]
+    assert gate["score"] == pytest.approx(u[gate["score_name"]])
+    assert gate["decision"] == ("pass" if gate["score"] <= gate["threshold"] else "flag")
+    assert raw.headers["x-gate-decision"] == gate["decision"]
+    # the base-relative scores come back through the official SDK as extra fields
     assert isinstance(u["novelty"], float) and isinstance(u["prompt_novelty"], float)
     assert u["novelty"] != 0.0 and u["combined"] is None  # trained adapters; no calibration
-    assert body["usage"]["completion_tokens"] >= len(content)
+    assert body["usage"]["completion_tokens"] == int(sum(alone[m][1] for m in members))
 
 
 def test_completion_and_member_only(smol_gateway: str, smol_ensemble: Path) -> None:
@@ -75,8 +120,9 @@ def test_completion_and_member_only(smol_gateway: str, smol_ensemble: Path) -> N
         model="smol", prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=2
     )
     choice = resp.model_dump()["choices"][0]
-    check_invariants(choice, manifest)
-    assert len(resp.choices[0].logprobs.token_logprobs) > 0  # type: ignore[union-attr, arg-type]
+    check_against_scores(choice, manifest)
+    lp = resp.choices[0].logprobs  # type: ignore[union-attr]
+    assert lp is not None and len(lp.token_logprobs) > 0  # type: ignore[arg-type]
     single = client.chat.completions.create(
         model="smol:m1", messages=QUESTION, max_tokens=12, temperature=0
     )
@@ -101,7 +147,8 @@ def test_streaming(smol_gateway: str) -> None:
     assert final[0]["choices"][0]["uncertainty"]["epistemic"] == pytest.approx(
         plain.model_dump()["choices"][0]["uncertainty"]["epistemic"], abs=1e-9
     )
-    assert final[0]["gate"]["decision"] in ("pass", "flag")
+    gate = final[0]["gate"]
+    assert gate["decision"] == ("pass" if gate["score"] <= gate["threshold"] else "flag")
     assert (
         chunks[-1].usage is not None and chunks[-1].usage.total_tokens == plain.usage.total_tokens
     )  # type: ignore[union-attr]
@@ -139,7 +186,7 @@ def test_same_adapter_three_times_has_no_epistemic(same_gateway: str, same_ensem
         extra_body={"ensemble": {"return_candidates": True}},
     )  # fmt: skip
     choice = resp.model_dump()["choices"][0]
-    check_invariants(choice, load_manifest(same_ensemble))
+    check_against_scores(choice, load_manifest(same_ensemble))
     assert choice["uncertainty"]["epistemic"] < 1e-4
     assert choice["uncertainty"]["disagreement"] == 0.0
     assert abs(choice["uncertainty"]["sequence_epistemic"]) < 1e-4
