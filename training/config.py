@@ -29,6 +29,17 @@ __all__ = [
 ]
 
 ALL_LINEAR = "all-linear"
+# transformers schedules that need no extra arguments (--lr-scheduler)
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+MAX_SEED = 2**32 - 1  # numpy's seed range (transformers seeds numpy too)
 
 
 class PriorInit(StrEnum):
@@ -70,7 +81,7 @@ class TrainConfig:
     )
     overwrite: bool = _help("replace an existing ensemble directory at --out", default=False)
     learning_rate: float = _help("AdamW learning rate", default=2e-4)
-    lr_scheduler: str = _help("learning-rate schedule (transformers name)", default="linear")
+    lr_scheduler: str = _help(f"learning-rate schedule: {', '.join(SCHEDULERS)}", default="linear")
     warmup_ratio: float = _help(
         "fraction in [0, 1) of the optimizer steps for linear warm-up", default=0.0
     )
@@ -192,7 +203,18 @@ class TrainConfig:
                 f"--alpha must be >= 0, got {self.alpha}",
             ),
             (self.members >= 1, f"--members must be >= 1, got {self.members}"),
-            (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
+            (
+                math.isfinite(self.learning_rate) and self.learning_rate > 0,
+                f"--learning-rate must be > 0, got {self.learning_rate}",
+            ),
+            (
+                self.lr_scheduler in SCHEDULERS,
+                f"--lr-scheduler {self.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}",
+            ),
+            (
+                self.seed >= 0 and self.member_seed(max(self.members, 1)) <= MAX_SEED,
+                f"--seed must be in [0, {MAX_SEED} - 1000·K], got {self.seed}",
+            ),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}"),
@@ -202,7 +224,10 @@ class TrainConfig:
                 f"--lora-dropout must be in [0, 1), got {self.lora_dropout}",
             ),
             (self.max_steps == -1 or self.max_steps >= 1, "--max-steps must be -1 or >= 1"),
-            (self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
+            (
+                math.isfinite(self.epochs) and self.epochs > 0,
+                f"--epochs must be > 0, got {self.epochs}",
+            ),
             (self.save_steps >= 1, f"--save-steps must be >= 1, got {self.save_steps}"),
             (self.logging_steps >= 1, f"--logging-steps must be >= 1, got {self.logging_steps}"),
             (self.time_budget >= 0, "--time-budget must be >= 0 seconds"),
@@ -211,7 +236,10 @@ class TrainConfig:
                 f"--warmup-ratio is a fraction of the steps in [0, 1), got {self.warmup_ratio}",
             ),
             (self.eval_steps >= 0, f"--eval-steps must be >= 0, got {self.eval_steps}"),
-            (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+            (
+                math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
+                f"--max-grad-norm must be >= 0, got {self.max_grad_norm}",
+            ),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
         ]
         for ok, message in checks:

@@ -23,7 +23,16 @@ from ensemble.manifest import ADAPTER_FILE
 from ensemble.manifest import load as load_manifest
 from training.config import DPOConfig
 
-__all__ = ["REF_PREFIX", "dpo_margins", "init_from_sft", "prepare_dpo", "split_pairs"]
+__all__ = [
+    "REF_PREFIX",
+    "ReferenceCache",
+    "dpo_margins",
+    "init_from_sft",
+    "margins_from",
+    "prepare_dpo",
+    "reference_logp",
+    "split_pairs",
+]
 
 REF_PREFIX = "ref_"
 
@@ -92,26 +101,50 @@ def _reference(ens: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack(rows)
 
 
+class ReferenceCache:
+    """Reference log-likelihoods per example (the ``idx`` the collator passes), one store
+    for training and one for evaluation: computed once without gradient, then reused."""
+
+    def __init__(self) -> None:
+        self._stores: dict[bool, dict[int, torch.Tensor]] = {True: {}, False: {}}
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._stores.values())
+
+    def reference(self, ens: Any, inputs: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+        """(K, 2B) reference log-likelihoods of the batch, from the store when all are in it."""
+        idx = inputs.get("idx")
+        if idx is None:
+            return _reference(ens, inputs)
+        store = self._stores[training]
+        keys = [int(i) for i in idx.tolist()]
+        if all(k in store for k in keys):
+            ref = torch.stack([store[k] for k in keys], dim=1)  # (K, B, 2)
+            return torch.cat([ref[..., 0], ref[..., 1]], dim=1)
+        ref = _reference(ens, inputs)
+        chosen, rejected = split_pairs(ref.detach().cpu())
+        for j, k in enumerate(keys):
+            store[k] = torch.stack([chosen[:, j], rejected[:, j]], dim=-1)  # (K, 2)
+        return ref
+
+
+def reference_logp(trainer: Any, ens: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(K, 2B) reference log-likelihoods, through the trainer's cache when it has one."""
+    cache: ReferenceCache | None = getattr(trainer, "reference_cache", None)
+    if cache is None:
+        return _reference(ens, inputs)
+    return cache.reference(ens, inputs, ens.training)
+
+
+def margins_from(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """(k, B) margins h from (k, 2B) policy and reference log-likelihoods."""
+    (pw, pl), (rw, rl) = split_pairs(policy), split_pairs(ref.to(policy))
+    return beta * ((pw - rw) - (pl - rl))
+
+
 def dpo_margins(trainer: Any, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """(K, B) DPO margins h_k of a batch of B pairs (``inputs`` holds 2B sequences)."""
     ens = trainer.accelerator.unwrap_model(model)
     batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
-    idx = inputs.get("idx")
     policy = model(**batch).logp  # (K, 2B), with gradient
-    cache: dict[int, torch.Tensor] = trainer.__dict__.setdefault(
-        "_ref_cache_train" if model.training else "_ref_cache_eval", {}
-    )
-    b = policy.shape[1] // 2
-    keys = [int(i) for i in idx.tolist()] if idx is not None else None
-    if keys is not None and all(k in cache for k in keys):
-        ref = torch.stack([cache[k] for k in keys], dim=1)  # (K, B, 2)
-        ref = torch.cat([ref[..., 0], ref[..., 1]], dim=1).to(policy)
-    else:
-        ref = _reference(ens, inputs).to(policy)
-        if keys is not None:
-            chosen, rejected = split_pairs(ref.detach().cpu())
-            for j, k in enumerate(keys):
-                cache[k] = torch.stack([chosen[:, j], rejected[:, j]], dim=-1)  # (K, 2)
-    (pw, pl), (rw, rl) = split_pairs(policy), split_pairs(ref)
-    assert pw.shape[1] == b
-    return trainer.config.beta * ((pw - rw) - (pl - rl))
+    return margins_from(policy, reference_logp(trainer, ens, inputs), trainer.config.beta)

@@ -25,24 +25,20 @@ from transformers.trainer_callback import ProgressCallback
 
 from ensemble.atomic import atomic_write_json, sha256_file
 from ensemble.errors import ConfigError
+from training.callbacks import (
+    JsonlLogCallback,
+    PostfixProgressCallback,
+    TimeBudgetCallback,
+    read_log,
+)
 from training.config import DPOConfig, PriorInit, TrainConfig
 from training.data import load_dpo, load_sft
+from training.datasets import ExampleDataset, PairDataset, collate
 from training.export import LOG_FILE, export_ensemble
 from training.model import EnsembleLM, build_ensemble, load_model, load_tokenizer
 from training.prior import calibration_batch, init_prior
 from training.routing import routing_summary, score_examples
-from training.trainer import (
-    DPOTrainerMixin,
-    EnsembleTrainer,
-    ExampleDataset,
-    JsonlLogCallback,
-    PairDataset,
-    PostfixProgressCallback,
-    TimeBudgetCallback,
-    collate,
-    last_complete_checkpoint,
-    read_log,
-)
+from training.trainer import DPOTrainerMixin, EnsembleTrainer, last_complete_checkpoint
 
 __all__ = ["TrainResult", "train_ensemble"]
 
@@ -83,27 +79,37 @@ def _datasets(
     return ExampleDataset(train_sft), ExampleDataset(eval_sft) if eval_sft else None, groups
 
 
+# TrainingArguments field ← TrainConfig field. Every value passed through is validated in
+# TrainConfig.__post_init__ (one-line errors before anything loads); a test holds a bad
+# value for each, so a field added here without a check fails it.
+MAPPED_FIELDS = {
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "learning_rate": "learning_rate",
+    "lr_scheduler_type": "lr_scheduler",
+    "warmup_steps": "warmup_ratio",  # transformers 5 reads a float in [0, 1) as a ratio
+    "max_steps": "max_steps",
+    "num_train_epochs": "epochs",
+    "max_grad_norm": "max_grad_norm",
+    "seed": "seed",
+    "logging_steps": "logging_steps",
+    "save_steps": "save_steps",
+    "eval_steps": "eval_steps",
+}
+
+
 def _training_args(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> TrainingArguments:
     cpu = not torch.cuda.is_available()
+    mapped = {name: getattr(cfg, field) for name, field in MAPPED_FIELDS.items()}
+    mapped["eval_steps"] = cfg.eval_steps or None
     return TrainingArguments(
         output_dir=str(run_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a float in [0, 1) as a ratio
-        max_steps=cfg.max_steps,
-        num_train_epochs=cfg.epochs,
-        max_grad_norm=cfg.max_grad_norm,
+        **mapped,
         weight_decay=0.0,
-        seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
         save_strategy="steps",
-        save_steps=cfg.save_steps,
         save_total_limit=2,
         eval_strategy="steps" if has_eval and cfg.eval_steps else "no",
-        eval_steps=cfg.eval_steps or None,
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,

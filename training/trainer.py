@@ -16,23 +16,19 @@ Trainer's own.
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers import Trainer
 
-from ensemble.errors import DataError
 from ensemble.math import update_mixture_weights
 from training.config import TrainConfig, Weights
-from training.data import IGNORE, DPOExample, SFTExample
+from training.datasets import ExampleDataset, PairDataset, collate  # re-exported for bench/
+from training.dpo import ReferenceCache, dpo_margins
 from training.loss import preference_logprob, renyi_objective
 from training.prior import anchor_penalty, snapshot
 
@@ -41,71 +37,13 @@ __all__ = [
     "DPOTrainerMixin",
     "EnsembleTrainer",
     "ExampleDataset",
-    "JsonlLogCallback",
     "PairDataset",
-    "PostfixProgressCallback",
-    "TimeBudgetCallback",
     "collate",
     "last_complete_checkpoint",
-    "read_log",
 ]
 
 STATE_FILE = "ensemble_state.safetensors"
 LR_EMA = 0.1  # weight of the newest batch in the running α=1 responsibilities (learned π)
-
-
-# ----------------------------------------------------------------------- data plumbing
-
-
-class ExampleDataset(torch.utils.data.Dataset):
-    """SFT examples as dicts the collator pads; ``idx`` ties a row back to its group."""
-
-    def __init__(self, examples: Sequence[SFTExample]) -> None:
-        self.examples = list(examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        ex = self.examples[i]
-        return {"input_ids": ex.input_ids, "labels": ex.labels, "idx": i}
-
-
-class PairDataset(torch.utils.data.Dataset):
-    """DPO pairs: chosen and rejected sequences of one preference."""
-
-    def __init__(self, pairs: Sequence[DPOExample]) -> None:
-        self.pairs = list(pairs)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        p = self.pairs[i]
-        return {"chosen": p.chosen, "rejected": p.rejected, "idx": i}
-
-
-def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-
-def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; DPO rows become 2B sequences (chosen first, then rejected)."""
-    if "chosen" in rows[0]:
-        seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-        ids = [s.input_ids for s in seqs]
-        labels = [s.labels for s in seqs]
-    else:
-        ids = [r["input_ids"] for r in rows]
-        labels = [r["labels"] for r in rows]
-    input_ids = _pad(ids, pad_id)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": _pad([[1] * len(s) for s in ids], 0),
-        "labels": _pad(labels, IGNORE),
-        "idx": torch.tensor([r["idx"] for r in rows], dtype=torch.long),
-    }
 
 
 # ----------------------------------------------------------------------- the trainer
@@ -253,138 +191,21 @@ class DPOTrainerMixin:
         h_k = β[(log p_k(y_w) − log p_ref(y_w)) − (log p_k(y_l) − log p_ref(y_l))]
 
     The reference is the base with adapters disabled, or (``--init-from``) member k's own
-    frozen SFT adapter; reference log-likelihoods need no gradient and are cached per
-    example, since they never change.
+    frozen SFT adapter; its log-likelihoods need no gradient and never change, so the
+    trainer's :class:`~training.dpo.ReferenceCache` keeps them per example.
     """
 
     config: Any
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reference_cache = ReferenceCache()
+
     def member_logp(
         self, model: Any, inputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from training.dpo import dpo_margins
-
         margins = dpo_margins(self, model, inputs)
         return preference_logprob(margins), None
-
-
-# ----------------------------------------------------------------------- callbacks
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The rows of a run's JSONL log. A torn last line (a crash while it was written, the
-    case --resume exists for) is dropped; a corrupt line before it is an error."""
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
-    rows = []
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if not isinstance(row, dict):
-            if n == last:
-                break  # torn by the crash: the step it logged is re-run from the checkpoint
-            raise DataError(
-                f"{path}:{n + 1}: corrupt training log line (not a JSON object); "
-                "delete that line to --resume, or start again with --overwrite"
-            )
-        rows.append(row)
-    return rows
-
-
-class JsonlLogCallback(TrainerCallback):
-    """Appends every log line to ``train_log.jsonl``; on resume drops lines past the checkpoint."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if not state.is_world_process_zero or not self.path.exists():
-            return
-        keep = [row for row in read_log(self.path) if row.get("step", 0) <= state.global_step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
-        os.replace(tmp, self.path)
-
-    def on_log(
-        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
-    ) -> None:
-        if not state.is_world_process_zero or not logs:
-            return
-        row = {"step": state.global_step, "time": round(time.time(), 3), **logs}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-
-
-class TimeBudgetCallback(TrainerCallback):
-    """Stops training (with a final checkpoint) once ``seconds`` of training have passed."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.start = 0.0
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.start = time.monotonic()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self.seconds and time.monotonic() - self.start > self.seconds:
-            control.should_training_stop = True
-
-
-class PostfixProgressCallback(ProgressCallback):
-    """The usual step bar, with loss and routing entropy shown on it instead of printed.
-
-    Under ``--time-budget`` the bar counts seconds against the budget (``elapsed/budget``)
-    instead of steps: the step total and its ETA would never be reached.
-    """
-
-    def __init__(self, time_budget: float = 0.0, file: Any = None) -> None:
-        super().__init__()
-        self.time_budget = time_budget
-        self.file = file
-        self.start = 0.0
-        self.shown: dict[str, str] = {}
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if not self.time_budget:
-            super().on_train_begin(args, state, control, **kw)
-            return
-        self.start = time.monotonic()
-        self.current_step = 0
-        if state.is_world_process_zero:
-            from tqdm.auto import tqdm
-
-            self.training_bar = tqdm(
-                total=round(self.time_budget),
-                unit="s",
-                dynamic_ncols=True,
-                file=self.file,
-                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s time budget{postfix}",
-            )
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if not self.time_budget:
-            super().on_step_end(args, state, control, **kw)
-            return
-        if state.is_world_process_zero and self.training_bar is not None:
-            elapsed = min(time.monotonic() - self.start, float(self.training_bar.total))
-            self.training_bar.n = round(elapsed)
-            self.current_step = state.global_step
-            self.shown["step"] = str(state.global_step)
-            self.training_bar.set_postfix(self.shown, refresh=True)
-
-    def on_log(
-        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
-    ) -> None:
-        if state.is_world_process_zero and self.training_bar is not None and logs:
-            for k in ("loss", "routing_entropy", "eval_loss"):
-                if k in logs:
-                    self.shown[k] = f"{logs[k]:.4g}"
-            self.training_bar.set_postfix(self.shown, refresh=False)
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:

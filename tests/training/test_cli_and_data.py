@@ -226,3 +226,32 @@ def test_help_lists_the_options(capsys) -> None:  # type: ignore[no-untyped-def]
 
 def test_question_set_is_small() -> None:
     assert len(QUESTIONS) == 8
+
+
+BAD_MAPPED = {  # one bad value for every config field passed into TrainingArguments
+    "batch_size": ("0", "--batch-size"),
+    "grad_accum": ("0", "--grad-accum"),
+    "learning_rate": ("nan", "--learning-rate"),
+    "lr_scheduler": ("cosine_typo", "--lr-scheduler"),
+    "warmup_ratio": ("2", "--warmup-ratio"),
+    "max_steps": ("0", "--max-steps"),
+    "epochs": ("inf", "--epochs"),
+    "max_grad_norm": ("-1", "--max-grad-norm"),
+    "seed": ("-3", "--seed"),
+    "logging_steps": ("0", "--logging-steps"),
+    "save_steps": ("0", "--save-steps"),
+    "eval_steps": ("-1", "--eval-steps"),
+}
+
+
+def test_every_field_mapped_to_training_arguments_is_validated(
+    tiny_llama_dir: Path, sft_data: Path, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    from training.run import MAPPED_FIELDS
+
+    assert set(MAPPED_FIELDS.values()) == set(BAD_MAPPED)  # a new mapped field needs a check
+    for field, (value, flag) in BAD_MAPPED.items():
+        code, err = run(capsys, "--base", str(tiny_llama_dir), "--data", str(sft_data),
+                        "--out", str(tmp_path / "o"), "--" + field.replace("_", "-"), value)  # fmt: skip
+        assert code == 2 and err.startswith("softspec") and flag in err, (field, err)
+        assert not (tmp_path / "o.run").exists()

@@ -15,10 +15,10 @@ from ensemble.manifest import load as load_manifest
 from softspec.cli import main
 from training.config import DPOConfig
 from training.data import load_dpo
-from training.dpo import dpo_margins, prepare_dpo
+from training.datasets import PairDataset, collate
+from training.dpo import ReferenceCache, dpo_margins, prepare_dpo
 from training.loss import preference_logprob, renyi_objective
 from training.model import build_ensemble, load_base
-from training.trainer import PairDataset, collate
 
 PAIRS = [
     (
@@ -147,6 +147,7 @@ def test_reference_is_cached_per_example(tiny_llama_dir: Path, dpo_data: Path) -
     ens, _, batch, cfg = setup(tiny_llama_dir, dpo_data, k=2)
     ens.eval()
     trainer = fake_trainer(ens, cfg.beta)
+    trainer.reference_cache = ReferenceCache()  # the trainer's owner of the cache
     calls = {"n": 0}
     original = ens.reference_logprob
 
@@ -159,6 +160,11 @@ def test_reference_is_cached_per_example(tiny_llama_dir: Path, dpo_data: Path) -
         h1 = dpo_margins(trainer, ens, batch)
         h2 = dpo_margins(trainer, ens, batch)
     assert calls["n"] == 1 and torch.allclose(h1, h2)
+    assert len(trainer.reference_cache) == batch["idx"].numel()
+    ens.train()  # training and evaluation keep separate stores
+    with torch.no_grad():
+        dpo_margins(trainer, ens, batch)
+    assert calls["n"] == 2
 
 
 def test_dpo_end_to_end_and_init_from_sft(

@@ -12,6 +12,7 @@ from softspec.cli import main
 from tests.training.test_trainer import FAST, adapter_tensors
 from training.config import SFTConfig
 from training.data import IGNORE, load_sft
+from training.datasets import collate
 from training.model import build_ensemble, load_base
 from training.prior import (
     anchor_penalty,
@@ -20,7 +21,6 @@ from training.prior import (
     mean_kl_from_base,
     snapshot,
 )
-from training.trainer import collate
 
 
 def _ensemble(tiny_llama_dir: Path, data: Path, seed: int = 0):  # type: ignore[no-untyped-def]

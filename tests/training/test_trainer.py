@@ -13,9 +13,9 @@ from ensemble.manifest import load as load_manifest
 from softspec.cli import main
 from training.config import SFTConfig
 from training.data import load_sft
+from training.datasets import collate
 from training.loss import renyi_objective
 from training.model import _lora_config, build_ensemble, load_base
-from training.trainer import collate
 
 FAST = ["--lora-dropout", "0", "--logging-steps", "1", "--routing-examples", "64"]
 
@@ -198,7 +198,7 @@ def test_alpha_one_specialises_alpha_zero_stays_uniform(
 def test_resume_after_a_crash_matches_an_uninterrupted_run(
     tiny_llama_dir: Path, sft_data: Path, tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    import training.trainer as tr
+    import training.callbacks as tr
 
     args = [
         "--members",
@@ -245,7 +245,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
 
 def test_a_corrupt_log_line_before_the_last_is_an_error(tmp_path: Path) -> None:
     from ensemble.errors import DataError
-    from training.trainer import read_log
+    from training.callbacks import read_log
 
     log = tmp_path / "train_log.jsonl"
     log.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')
@@ -258,7 +258,7 @@ def test_a_corrupt_log_line_before_the_last_is_an_error(tmp_path: Path) -> None:
 def test_resume_with_different_options_is_refused(
     tiny_llama_dir: Path, sft_data: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:  # type: ignore[no-untyped-def]
-    import training.trainer as tr
+    import training.callbacks as tr
 
     def crash(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
         raise KeyboardInterrupt
@@ -345,7 +345,7 @@ def test_progress_under_a_time_budget_shows_the_budget_not_a_step_total() -> Non
     import io
     from types import SimpleNamespace
 
-    from training.trainer import PostfixProgressCallback
+    from training.callbacks import PostfixProgressCallback
 
     out = io.StringIO()
     bar = PostfixProgressCallback(time_budget=60, file=out)
