@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from ensemble.atomic import atomic_write_text, sha256_file
-from ensemble.calibration import GateCalibration
+from ensemble.calibration import GateCalibration, RiskControl
 from ensemble.errors import ManifestError
 from ensemble.scores import DEFAULT_GATE_SCORE, DEFAULT_GATE_THRESHOLD, GATE_SCORES
 
@@ -93,15 +93,31 @@ class GateSpec(_Model):
     score_name: str = DEFAULT_GATE_SCORE
     threshold: float = DEFAULT_GATE_THRESHOLD
     calibration: GateCalibration | None = Field(
-        default=None, description="in-distribution scores behind the 'combined' gate score"
+        default=None,
+        description="in-distribution scores behind the 'combined' gate score, and the "
+        "flag-rate guarantee of its threshold",
+    )
+    risk_control: RiskControl | None = Field(
+        default=None, description="the error-rate guarantee, when the threshold was fitted so"
     )
 
     @model_serializer(mode="wrap")
-    def _omit_empty_calibration(self, handler: Any) -> dict[str, Any]:
+    def _omit_empty(self, handler: Any) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("calibration") is None:
-            data.pop("calibration", None)
+        for key in ("calibration", "risk_control"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
+
+    @model_validator(mode="after")
+    def _risk_matches(self) -> GateSpec:
+        rc = self.risk_control
+        if rc is not None and (rc.score_name != self.score_name or rc.threshold != self.threshold):
+            raise ValueError(
+                "gate.risk_control was fitted for another score or threshold "
+                f"({rc.score_name} ≤ {rc.threshold}); refit it or remove it"
+            )
+        return self
 
     @field_validator("score_name")
     @classmethod

@@ -139,7 +139,12 @@ def renyi_loss(logp: ArrayLike, alpha: float, log_weights: ArrayLike | None = No
         small = finite & (spread < 1.0)
         dev = np.where(small & live, dev, 0.0)
         series = -mean - np.log1p((pi * np.expm1(dev)).sum(axis=0)) / a
-    return _scalar_or_array(np.where(small, series, direct))
+        # Tiny α·spread (down to subnormal α, where α·(l−m) itself loses its digits): the
+        # Taylor form −m − (α/2)·Var_π(l), exact to O(α²·spread³) below float precision.
+        centred = np.where(live & finite, lp - np.where(finite, mean, 0.0), 0.0)
+        taylor = -mean - 0.5 * a * (pi * centred**2).sum(axis=0)
+        tiny = finite & (spread < 1e-8)
+    return _scalar_or_array(np.where(tiny, taylor, np.where(small, series, direct)))
 
 
 def responsibilities(

@@ -35,14 +35,21 @@ import numpy as np
 
 from ensemble import metrics as M
 from ensemble.atomic import atomic_dir
-from ensemble.calibration import fit_calibration, smallest_rate, threshold_for_rate
+from ensemble.calibration import DEFAULT_DELTA, fit_conformal_gate, fit_risk_control
 from ensemble.errors import ConfigError, DataError
 from ensemble.manifest import GateSpec
 from ensemble.manifest import load as load_manifest
-from ensemble.scores import BASELINES, COMBINED_COMPONENTS, EVAL_SCORES, MIN_CALIBRATION, Score
+from ensemble.scores import (
+    BASELINES,
+    COMBINED_COMPONENTS,
+    EVAL_SCORES,
+    GATE_SCORES,
+    MIN_CALIBRATION,
+    Score,
+)
 from softspec.serving import sigterm_as_interrupt, start_server, stop_server
 
-__all__ = ["calibrate_gate", "compute_metrics", "evaluate_rows", "run_eval"]
+__all__ = ["calibrate_gate", "compute_metrics", "evaluate_rows", "risk_gate", "run_eval"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +85,28 @@ def _parser() -> argparse.ArgumentParser:
         help="fit the 'combined' gate score from the in-distribution rows only (ood false or "
         "absent) and write it into the manifest, with the threshold that flags at most this "
         "fraction of in-distribution prompts (conformal p-values; no OOD data needed)",
+    )
+    p.add_argument(
+        "--gate-risk",
+        type=float,
+        default=None,
+        metavar="ERROR",
+        help="instead: fit the gate threshold on --gate-risk-score so that the error rate "
+        "among passed answers is at most ERROR with probability >= 1 - --gate-delta "
+        "(Learn then Test on the rows with a gold answer) and write it into the manifest",
+    )
+    p.add_argument(
+        "--gate-risk-score",
+        default=Score.PROMPT_NOVELTY.value,
+        choices=[s for s in GATE_SCORES if s != Score.COMBINED.value],
+        help="score the --gate-risk threshold is fitted on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--gate-delta",
+        type=float,
+        default=DEFAULT_DELTA,
+        metavar="DELTA",
+        help="failure probability of the stated guarantees (default: %(default)s)",
     )
     return p
 
@@ -205,9 +234,12 @@ def compute_metrics(preds: Sequence[dict[str, Any]], members: Sequence[str]) -> 
     return res
 
 
-def calibrate_gate(preds: Sequence[dict[str, Any]], rate: float, source: str = "") -> GateSpec:
+def calibrate_gate(
+    preds: Sequence[dict[str, Any]], rate: float, source: str = "", delta: float = DEFAULT_DELTA
+) -> GateSpec:
     """The ``combined`` gate fitted on the in-distribution predictions only (``ood`` false or
-    absent), with the threshold that flags at most ``rate`` of in-distribution prompts."""
+    absent), with the threshold that flags at most ``rate`` of in-distribution prompts and
+    its guarantee (ensemble/calibration.py)."""
     if not 0.0 < rate < 1.0:
         raise ConfigError(f"--calibrate-gate {rate}: the false-positive rate must be in (0, 1)")
     ind = [p for p in preds if not p.get("ood")]
@@ -216,16 +248,34 @@ def calibrate_gate(preds: Sequence[dict[str, Any]], rate: float, source: str = "
             f"--calibrate-gate needs at least {MIN_CALIBRATION} in-distribution rows "
             f"(ood false or absent), got {len(ind)}"
         )
-    cal = fit_calibration(ind, COMBINED_COMPONENTS, source=source)
-    smallest = smallest_rate(cal)
-    if smallest > rate:
-        raise DataError(
-            f"--calibrate-gate {rate}: with {cal.n} in-distribution rows the smallest "
-            f"attainable flag rate is {smallest:.3f}; give more rows or a larger rate"
+    try:
+        cal, threshold = fit_conformal_gate(
+            ind, COMBINED_COMPONENTS, rate, source=source, delta=delta
         )
-    return GateSpec(
-        score_name=Score.COMBINED.value, threshold=threshold_for_rate(rate), calibration=cal
-    )
+    except ValueError as exc:
+        raise DataError(f"--calibrate-gate {rate}: {exc}; give more rows or a larger rate") from exc
+    return GateSpec(score_name=Score.COMBINED.value, threshold=threshold, calibration=cal)
+
+
+def risk_gate(
+    preds: Sequence[dict[str, Any]], target: float, score: str, delta: float = DEFAULT_DELTA
+) -> GateSpec:
+    """The gate whose threshold on ``score`` keeps the error among passed answers ≤ ``target``
+    with probability ≥ 1 − ``delta``, fitted on the rows with a gold answer."""
+    graded = [p for p in preds if p.get("correct") is not None and p.get(score) is not None]
+    if not graded:
+        raise DataError("--gate-risk needs rows with a gold answer (a 'completion'); none had one")
+    try:
+        rc = fit_risk_control(
+            [float(p[score]) for p in graded],
+            [not p["correct"] for p in graded],
+            target,
+            score_name=score,
+            delta=delta,
+        )
+    except ValueError as exc:
+        raise DataError(f"--gate-risk {target}: {exc}") from exc
+    return GateSpec(score_name=score, threshold=rc.threshold, risk_control=rc)
 
 
 def _report_md(metrics: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -283,6 +333,12 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--calibrate-gate {args.calibrate_gate}: the false-positive rate must be in (0, 1)"
         )
+    if args.gate_risk is not None and not 0.0 < args.gate_risk < 1.0:
+        raise ConfigError(f"--gate-risk {args.gate_risk}: the target error must be in (0, 1)")
+    if args.calibrate_gate is not None and args.gate_risk is not None:
+        raise ConfigError("--calibrate-gate and --gate-risk fit the same threshold: give one")
+    if not 0.0 < args.gate_delta < 1.0:
+        raise ConfigError(f"--gate-delta {args.gate_delta}: must be in (0, 1)")
     manifest = load_manifest(args.ensemble)
     baseline = args.baseline_member or manifest.member_names[0]
     if baseline not in manifest.member_names:
@@ -324,12 +380,18 @@ def _run(args: argparse.Namespace) -> int:
         write_plots(preds, metrics, tmp)
         (tmp / "report.md").write_text(_report_md(metrics, meta))
     print(_report_md(metrics, meta).split("\n\n![")[0])
+    gate = None
     if args.calibrate_gate is not None:
-        gate = calibrate_gate(preds, args.calibrate_gate, source=str(args.data))
+        gate = calibrate_gate(preds, args.calibrate_gate, str(args.data), args.gate_delta)
+        guarantee = gate.calibration.guarantee if gate.calibration else ""
+    elif args.gate_risk is not None:
+        gate = risk_gate(preds, args.gate_risk, args.gate_risk_score, args.gate_delta)
+        guarantee = gate.risk_control.guarantee if gate.risk_control else ""
+    if gate is not None:
         manifest.model_copy(update={"gate": gate}).save(args.ensemble)
         print(
-            f"gate written to {args.ensemble / 'ensemble.json'}: combined > {gate.threshold:.4g} "
-            f"is flagged (at most {args.calibrate_gate:.0%} of in-distribution prompts)"
+            f"gate written to {args.ensemble / 'ensemble.json'}: {gate.score_name} > "
+            f"{gate.threshold:.4g} is flagged; {guarantee}"
         )
     print(out)
     return 0

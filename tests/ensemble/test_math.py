@@ -330,3 +330,18 @@ def test_aligned_top_logprobs_are_distributions_with_nonnegative_mi(
     assert np.exp(out).sum(axis=1) == pytest.approx(np.ones(k), abs=1e-9)
     u = token_uncertainty(out)
     assert u["epistemic"] >= 0.0 and all(np.isfinite(x) for x in u.values())
+
+
+@pytest.mark.parametrize("alpha", [5e-324, 1e-300, 1e-20, 1e-9, 1e-4])
+def test_loss_at_tiny_alpha_matches_high_precision(alpha: float) -> None:
+    """Down to subnormal α (hypothesis found 5e-324 giving twice the mean NLL): the loss
+    equals −(1/α)·log Σπ e^{α l} computed with 400 significant digits."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 400
+    lp = np.array([[-3.0, -1.5], [0.0, -0.2], [-0.5, -7.0]])
+    a = Decimal(alpha)
+    for b in range(2):
+        s = sum(Decimal(1) / 3 * (a * Decimal(float(v))).exp() for v in lp[:, b])
+        ref = float(-s.ln() / a)
+        assert renyi_loss(lp, alpha)[b] == pytest.approx(ref, rel=1e-14, abs=1e-14)

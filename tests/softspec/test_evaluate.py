@@ -83,6 +83,11 @@ def test_eval_rejects_bad_input(tmp_path: Path, capsys) -> None:  # type: ignore
     bad_fpr = ["--calibrate-gate", "1.5"]
     assert main(["eval", "--ensemble", str(tmp_path), "--data", "x.jsonl", *bad_fpr]) == 2
     assert "false-positive rate must be in (0, 1)" in capsys.readouterr().err
+    both = ["--calibrate-gate", "0.05", "--gate-risk", "0.2"]
+    assert main(["eval", "--ensemble", str(tmp_path), "--data", "x.jsonl", *both]) == 2
+    assert "give one" in capsys.readouterr().err
+    assert main(["eval", "--ensemble", str(tmp_path), "--data", "x.jsonl", "--gate-risk", "2"]) == 2
+    assert "target error must be in (0, 1)" in capsys.readouterr().err
 
 
 def test_calibrate_gate_fits_combined_from_in_distribution_rows_only() -> None:
@@ -92,19 +97,49 @@ def test_calibrate_gate_fits_combined_from_in_distribution_rows_only() -> None:
     rows = [record(i % 3 == 0, None, 0.01 * i, 0.5 + 0.02 * i, "a", (0.5, 0.5)) for i in range(60)]
     gate = calibrate_gate(rows, 0.1, source="test")
     ind = [r for r in rows if not r["ood"]]
-    assert gate.score_name == "combined" and gate.threshold == pytest.approx(0.9)
-    assert gate.calibration is not None and gate.calibration.n == len(ind) == 40
+    cal = gate.calibration
+    assert cal is not None and cal.n == len(ind) == 40
+    # 0.1 snaps to the attainable level 4/41; the threshold sits half a step above it
+    assert cal.level == pytest.approx(4 / 41) and cal.target_rate == 0.1
+    assert gate.score_name == "combined" and gate.threshold == pytest.approx(1 - 4.5 / 41)
+    assert "at most 9.76% in expectation" in cal.guarantee
     # only in-distribution values were used: OOD rows' scores are not in the calibration
-    assert gate.calibration.scores["prompt_novelty"] == sorted(r["prompt_novelty"] for r in ind)
-    # on its own calibration rows the gate flags no more than the requested share
-    flagged = [combined_score(gate.calibration, r) > gate.threshold for r in ind]  # type: ignore[operator]
-    assert sum(flagged) / len(ind) <= 0.1
+    assert cal.scores["prompt_novelty"] == sorted(r["prompt_novelty"] for r in ind)
+    # p ≤ 4/41 on its own rows means at most 3 of the 40 scores at or above it: the top 3
+    flagged = [combined_score(cal, r) > gate.threshold for r in ind]  # type: ignore[operator]
+    top3 = sorted(r["prompt_novelty"] for r in ind)[-3:]
+    assert [r["prompt_novelty"] for r, f in zip(ind, flagged, strict=True) if f] == top3
     with pytest.raises(ConfigError):
         calibrate_gate(rows, 1.5)
     with pytest.raises(DataError, match="at least 20 in-distribution rows"):
         calibrate_gate(rows[:12], 0.1)
-    with pytest.raises(DataError, match="smallest attainable flag rate"):
+    with pytest.raises(DataError, match="can promise no flag rate below 0.024"):
         calibrate_gate(rows, 0.01)
+
+
+def test_risk_gate_certifies_the_error_among_passed_answers() -> None:
+    """Errors only above a score of 0.6: the loosest certified threshold passes the clean
+    answers, and the gate records its guarantee."""
+    from ensemble.errors import DataError
+    from softspec.evaluate import risk_gate
+
+    rows = []
+    for i in range(200):
+        r = record(False, None, 0.0, 0.0, "a", (0.5, 0.5))
+        r["prompt_novelty"] = i / 200
+        r["correct"] = i / 200 < 0.6 or i % 2 == 0  # error rate 0 below 0.6, 1/2 above
+        rows.append(r)
+    gate = risk_gate(rows, 0.1, "prompt_novelty", delta=0.1)
+    rc = gate.risk_control
+    assert rc is not None and gate.score_name == "prompt_novelty"
+    # coverage 0.6 is clean (0 of 120 wrong); 0.7 has 10 of 140 wrong: P(Bin(140, 0.1) ≤ 10)
+    # = 0.16 > δ/10, so 0.6 is the loosest certified candidate
+    assert rc.coverage == pytest.approx(0.6) and rc.error_rate == 0.0
+    assert gate.threshold == pytest.approx(119 / 200) and rc.n == 200
+    with pytest.raises(DataError, match="no threshold keeps the error"):
+        risk_gate(rows[:10], 0.01, "prompt_novelty")
+    with pytest.raises(DataError, match="gold answer"):
+        risk_gate([record(False, None, 0, 0, "a", (1, 0))], 0.1, "epistemic")
 
 
 def test_plots_leave_out_scores_the_server_did_not_serve(tmp_path: Path) -> None:
