@@ -1,7 +1,47 @@
-"""``softspec train sft|dpo``: the application's wiring of the training library."""
+"""``softspec train sft|dpo``: the application's wiring of the training library.
+
+The library (:mod:`training.cli`) parses the options and trains; this module supplies what
+only the application knows: the default base model (the exported SmolLM2) and, for
+``--alpha auto``, the stability diagnosis of ``softspec diagnose`` on the run's own data,
+base, seed and LoRA shape.
+"""
 
 from __future__ import annotations
 
-from training.cli import run_train
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-__all__ = ["run_train"]
+from training.cli import split_alpha_auto
+from training.config import TrainConfig
+
+__all__ = ["diagnose_for", "run_train", "split_alpha_auto"]
+
+
+def diagnose_for(cfg: TrainConfig) -> dict[str, Any]:
+    """The stability diagnosis on the training run's own data, base, seed and LoRA shape."""
+    from softspec.diagnose import DiagnoseOptions, diagnose
+
+    opts = DiagnoseOptions(
+        data=cfg.data,
+        base=cfg.base,
+        seed=cfg.seed,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=cfg.target_modules,
+        max_length=min(cfg.max_length, 256),
+    )
+    return diagnose(opts)
+
+
+def _default_base() -> Path:
+    from softspec.default_model import export_default_model
+
+    return export_default_model()
+
+
+def run_train(objective: str, argv: Sequence[str]) -> int:
+    """``softspec train <objective> ARGS``: train with the application's defaults."""
+    from training.cli import run_train as train
+
+    return train(objective, argv, default_base=_default_base, diagnose=diagnose_for)

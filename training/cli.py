@@ -1,8 +1,10 @@
-"""``softspec train sft|dpo``: parse the TRL-style config dataclass and run the training.
+"""``train sft|dpo`` arguments: parse the TRL-style config dataclass and run the training.
 
-Works under ``accelerate launch -m softspec.cli train sft ...`` for data-parallel runs.
+The application's command (``softspec train``) calls :func:`run_train` with its wiring: the
+default base model and the stability diagnosis. Works under ``accelerate launch`` for
+data-parallel runs.
 
-``--alpha auto`` (SFT): runs ``softspec diagnose`` on the same --data/--base/--seed/LoRA
+``--alpha auto`` (SFT): runs the given diagnosis on the same --data/--base/--seed/LoRA
 shape first, trains with its recommended α, and records the diagnosis in the manifest's
 ``training.alpha_diagnosis`` (the manifest is re-written atomically).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,22 +47,6 @@ def split_alpha_auto(argv: Sequence[str]) -> tuple[list[str], bool]:
     return out, auto
 
 
-def diagnose_for(cfg: TrainConfig) -> dict[str, Any]:
-    """The stability diagnosis on the training run's own data, base, seed and LoRA shape."""
-    from softspec.diagnose import DiagnoseOptions, diagnose
-
-    opts = DiagnoseOptions(
-        data=cfg.data,
-        base=cfg.base,
-        seed=cfg.seed,
-        lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=cfg.target_modules,
-        max_length=min(cfg.max_length, 256),
-    )
-    return diagnose(opts)
-
-
 def record_diagnosis(out: Path, diagnosis: dict[str, Any]) -> None:
     """Add the diagnosis to ``out``'s manifest (``training.alpha_diagnosis``), atomically."""
     from ensemble.manifest import load as load_manifest
@@ -90,12 +76,23 @@ def record_diagnosis(out: Path, diagnosis: dict[str, Any]) -> None:
     manifest.model_copy(update={"training": training}).save(out)
 
 
-def run_train(objective: str, argv: Sequence[str]) -> int:
+def run_train(
+    objective: str,
+    argv: Sequence[str],
+    *,
+    default_base: Callable[[], str | Path] | None = None,
+    diagnose: Callable[[TrainConfig], dict[str, Any]] | None = None,
+) -> int:
+    """Parse ``argv`` into the objective's config and train.
+
+    The application supplies the wiring: ``default_base`` gives the base model when
+    ``--base`` is not passed, ``diagnose`` runs the stability diagnosis for ``--alpha auto``
+    (both are ``softspec``'s; this library does not know them).
+    """
     from transformers import HfArgumentParser
 
     from ensemble.manifest import MANIFEST_FILE
     from ensemble.manifest import load as load_manifest
-    from softspec.default_model import export_default_model
     from training.run import train_ensemble
 
     argv, alpha_auto = split_alpha_auto(argv)
@@ -107,11 +104,15 @@ def run_train(objective: str, argv: Sequence[str]) -> int:
     if not cfg.base and init_from and (Path(init_from) / MANIFEST_FILE).is_file():
         cfg.base = load_manifest(init_from).resolve_base_model(Path(init_from))  # its base
     if not cfg.base:
-        cfg.base = str(export_default_model())
+        if default_base is None:
+            raise ConfigError("--base is required: a Hugging Face model directory")
+        cfg.base = str(default_base())
     diagnosis: dict[str, Any] | None = None
     if alpha_auto:
+        if diagnose is None:
+            raise ConfigError("--alpha auto needs the stability diagnosis: use `softspec train`")
         cfg.check_paths()  # a bad --out fails now, not after the diagnosis
-        diagnosis = diagnose_for(cfg)
+        diagnosis = diagnose(cfg)
         cfg.alpha = float(diagnosis["recommended"]["alpha"])
         print(
             f"--alpha auto: α* = {diagnosis['alpha_star']:.4g}; training with α = {cfg.alpha:g} "

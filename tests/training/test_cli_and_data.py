@@ -255,3 +255,35 @@ def test_every_field_mapped_to_training_arguments_is_validated(
                         "--out", str(tmp_path / "o"), "--" + field.replace("_", "-"), value)  # fmt: skip
         assert code == 2 and err.startswith("softspec") and flag in err, (field, err)
         assert not (tmp_path / "o.run").exists()
+
+
+def test_the_training_library_does_not_import_the_application() -> None:
+    """Wiring lives in softspec/ (train_cmd): training/ gets the default base and the
+    diagnosis as parameters and never imports softspec, not even inside a function."""
+    import ast
+
+    import training
+
+    found = []
+    for path in sorted(Path(training.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "softspec"]
+    assert found == []
+
+
+def test_the_library_needs_a_base_when_the_application_gives_no_default(
+    sft_data: Path, tmp_path: Path
+) -> None:
+    from ensemble.errors import ConfigError
+    from training.cli import run_train
+
+    with pytest.raises(ConfigError, match="--base is required"):
+        run_train("sft", ["--data", str(sft_data), "--out", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match="--alpha auto needs the stability diagnosis"):
+        run_train("sft", ["--data", str(sft_data), "--out", str(tmp_path / "o"), "--base", "b",
+                          "--alpha", "auto"])  # fmt: skip
