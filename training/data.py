@@ -19,7 +19,6 @@ file, the line and the field, raised before training starts.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ensemble.errors import DataError
+from ensemble.jsonl import read_jsonl
 
 log = logging.getLogger("softspec.training")
 
@@ -70,22 +70,9 @@ class DPOExample:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file: one JSON object per non-blank line; clear errors otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"{path}:{n}: not valid JSON ({exc.args[0]})") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: each line must be a JSON object")
-            rows.append({**row, "_line": n})
+    """Read a JSONL file: one JSON object per non-blank line (rows carry their ``_line``);
+    clear errors otherwise, and an empty file is one too."""
+    rows = read_jsonl(path, line_numbers=True)
     if not rows:
         raise DataError(f"{path}: the file is empty; it needs at least one example")
     return rows

@@ -287,3 +287,21 @@ def test_the_library_needs_a_base_when_the_application_gives_no_default(
     with pytest.raises(ConfigError, match="--alpha auto needs the stability diagnosis"):
         run_train("sft", ["--data", str(sft_data), "--out", str(tmp_path / "o"), "--base", "b",
                           "--alpha", "auto"])  # fmt: skip
+
+
+def test_read_rows_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    from ensemble.errors import DataError
+    from training.data import read_rows
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a": 1}\n\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"d.jsonl:3: each line must be a JSON object"):
+        read_rows(path)
+    path.write_bytes(b'{"a": "\xff"}\n')  # not UTF-8: one clear line, not a traceback
+    with pytest.raises(DataError, match=r"d.jsonl: cannot read it"):
+        read_rows(path)
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="the file is empty"):
+        read_rows(path)
+    path.write_text('{"a": 1}\n\n{"b": 2}\n')
+    assert read_rows(path) == [{"a": 1, "_line": 1}, {"b": 2, "_line": 3}]
