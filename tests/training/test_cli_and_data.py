@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from softspec.cli import main
-from tests.training.conftest import QUESTIONS, chat, write_jsonl
+from tests.training.conftest import chat, write_jsonl
 from training.data import IGNORE, load_dpo, load_sft
 
 
@@ -222,10 +222,6 @@ def test_help_lists_the_options(capsys) -> None:  # type: ignore[no-untyped-def]
         "--normalize-by-length",
     ):
         assert flag in out or flag.replace("-", "_") in out
-
-
-def test_question_set_is_small() -> None:
-    assert len(QUESTIONS) == 8
 
 
 BAD_MAPPED = {  # one bad value for every config field passed into TrainingArguments

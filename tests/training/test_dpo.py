@@ -241,7 +241,11 @@ def test_dpo_end_to_end_and_init_from_sft(
     batch = collate([PairDataset(pairs)[i] for i in range(2)], tok.pad_token_id)
     with torch.no_grad():
         h = dpo_margins(fake_trainer(ens, 0.5), ens, batch)
+        policy = ens(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).logp
+        base = ens.reference_logprob(batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert torch.allclose(h, torch.zeros_like(h), atol=1e-5)
+    # not trivially: the members really are the trained SFT adapters, not the base
+    assert (policy - base).abs().min() > 1e-3
 
 
 def test_dpo_bad_input_is_one_line(
