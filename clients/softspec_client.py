@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import openai
@@ -38,7 +38,9 @@ __all__ = [
     "DecodeMode",
     "EnsembleAnswer",
     "Gate",
+    "GateAction",
     "GateDecision",
+    "GateOptions",
     "ProtocolError",
     "RequestOptions",
     "SelectMode",
@@ -49,7 +51,9 @@ __all__ = [
 
 DecodeMode = Literal["sequence", "token"]
 SelectMode = Literal["mixture", "majority"]
-GateDecision = Literal["pass", "flag", "abstain"]
+GateDecision = Literal["pass", "flag", "escalate", "abstain"]
+GateAction = Literal["flag", "escalate", "abstain"]
+_DECISIONS = ("pass", "flag", "escalate", "abstain")
 _Messages = list[dict[str, Any]] | str
 
 _DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -105,7 +109,8 @@ class Uncertainty:
     """Uncertainty of one answer; every score is "higher = more uncertain".
 
     ``epistemic``, ``aleatoric`` and ``total`` are means over the answer's tokens, in nats
-    per token. ``sequence_epistemic`` (nats per token, from cross-scored candidates) and
+    per token; they are ``None`` only when the gate decided from the prompt alone, before
+    any member generated (``Gate.stage == "prompt"``). ``sequence_epistemic`` (nats per token, from cross-scored candidates) and
     ``disagreement`` (fraction of member pairs with different answers, in [0, 1]) are
     ``None`` in token decoding mode. ``novelty`` and ``prompt_novelty`` (nats per token)
     compare the members with the base model on the answer and on the prompt: high when
@@ -114,9 +119,9 @@ class Uncertainty:
     when the ensemble has no gate calibration. ``per_token`` is present only when asked for.
     """
 
-    epistemic: float
-    aleatoric: float
-    total: float
+    epistemic: float | None
+    aleatoric: float | None
+    total: float | None
     sequence_epistemic: float | None = None
     disagreement: float | None = None
     novelty: float | None = None
@@ -128,9 +133,9 @@ class Uncertainty:
     def from_dict(cls, d: Mapping[str, Any]) -> Uncertainty:
         per_token = d.get("per_token")
         return cls(
-            epistemic=float(_field(d, "epistemic", "uncertainty")),
-            aleatoric=float(_field(d, "aleatoric", "uncertainty")),
-            total=float(_field(d, "total", "uncertainty")),
+            epistemic=_opt_float(d.get("epistemic")),
+            aleatoric=_opt_float(d.get("aleatoric")),
+            total=_opt_float(d.get("total")),
             sequence_epistemic=_opt_float(d.get("sequence_epistemic")),
             disagreement=_opt_float(d.get("disagreement")),
             novelty=_opt_float(d.get("novelty")),
@@ -145,14 +150,23 @@ class Uncertainty:
 @dataclass(frozen=True)
 class Gate:
     """The gate's decision: ``score`` (the ``score_name`` uncertainty, higher = more
-    uncertain) passes when it is at most ``threshold``; otherwise the configured action,
-    "flag" (answer returned, marked) or "abstain" (answer replaced by the abstention text).
+    uncertain) passes when it is at most ``threshold``; otherwise the gate's action:
+    "flag" (answer returned, marked), "escalate" (the request went to the server's fallback
+    model, named in ``routed_to``, whose answer is returned) or "abstain" (answer replaced
+    by the abstention text).
+
+    ``stage`` is "answer", or "prompt" when the gate decided from the prompt alone, before
+    any member generated. ``escalation`` says what happened when an escalation failed
+    (``{"outcome", "reason", "applied"}``; the decision is then the action applied instead).
     """
 
     decision: GateDecision
     score: float
     score_name: str
     threshold: float
+    stage: str = "answer"
+    routed_to: str | None = None
+    escalation: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -163,19 +177,28 @@ class Gate:
         return self.decision == "flag"
 
     @property
+    def escalated(self) -> bool:
+        return self.decision == "escalate"
+
+    @property
     def abstained(self) -> bool:
         return self.decision == "abstain"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Gate:
         decision = _field(d, "decision", "gate")
-        if decision not in ("pass", "flag", "abstain"):
+        if decision not in _DECISIONS:
             raise ProtocolError(f"unknown gate decision {decision!r}")
+        escalation = d.get("escalation")
+        routed_to = d.get("routed_to")
         return cls(
             decision=cast(GateDecision, decision),
             score=float(_field(d, "score", "gate")),
             score_name=str(_field(d, "score_name", "gate")),
             threshold=float(_field(d, "threshold", "gate")),
+            stage=str(d.get("stage", "answer")),
+            routed_to=None if routed_to is None else str(routed_to),
+            escalation=None if escalation is None else dict(escalation),
         )
 
 
@@ -270,14 +293,31 @@ def _messages(messages: _Messages) -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
+class GateOptions:
+    """This request's own gate (the ``ensemble.gate`` extra); ``None`` keeps the server's.
+
+    A server whose gate is locked only accepts a tighter one (a lower threshold, a stricter
+    action: flag < escalate < abstain, or a gate on another score added to its own) and
+    answers anything else with a 400 (``openai.BadRequestError``).
+    """
+
+    score: str | None = None
+    threshold: float | None = None
+    action: GateAction | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
 class RequestOptions:
     """What one request asks for; :meth:`SoftSpecClient.chat`, ``complete`` and ``stream_chat``
     share it.
 
     ``model`` defaults to the ensemble (use :meth:`SoftSpecClient.member` for one member
     alone). ``None`` and ``False`` keep the server's defaults and are not sent. ``members``,
-    ``select``, ``samples_per_member``, ``return_candidates``, ``per_token`` and ``decode``
-    make the request's ``ensemble`` extra (docs/api.md). With
+    ``select``, ``samples_per_member``, ``return_candidates``, ``per_token``, ``decode``
+    and ``gate`` make the request's ``ensemble`` extra (docs/api.md). With
     ``raise_on_abstain`` an abstention raises :class:`Abstained` instead of returning the
     abstention text. ``sdk_kwargs`` go to the SDK's ``create`` call unchanged.
     """
@@ -291,6 +331,7 @@ class RequestOptions:
     return_candidates: bool = False
     per_token: bool = False
     decode: DecodeMode | None = None
+    gate: GateOptions | None = None
     raise_on_abstain: bool = False
     sdk_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -315,6 +356,7 @@ class RequestOptions:
             "return_candidates": self.return_candidates or None,
             "per_token": self.per_token or None,
             "decode": self.decode,
+            "gate": self.gate.as_dict() if self.gate is not None else None,
         }
         return {k: v for k, v in opts.items() if v is not None}
 

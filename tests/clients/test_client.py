@@ -28,6 +28,7 @@ from clients.softspec_client import (
     Candidate,
     EnsembleAnswer,
     Gate,
+    GateOptions,
     ProtocolError,
     RequestOptions,
     SoftSpecClient,
@@ -257,6 +258,43 @@ def test_an_unknown_gate_decision_is_a_protocol_error() -> None:
     close()
 
 
+def test_a_prompt_stage_escalation_is_returned_as_sent() -> None:
+    gate = {**CANNED_GATE, "decision": "escalate", "score_name": "prompt_novelty",
+            "score": 0.9, "threshold": 0.5, "stage": "prompt", "routed_to": "big-model"}  # fmt: skip
+    client, _, close = canned(gate)
+    a = client.chat("q", raise_on_abstain=True)  # escalating is not abstaining
+    assert a.gate == Gate("escalate", 0.9, "prompt_novelty", 0.5, "prompt", "big-model")
+    assert a.gate.escalated and not (a.gate.passed or a.gate.flagged or a.gate.abstained)
+    failed = {"outcome": "failed", "reason": "fallback timed out", "applied": "abstain"}
+    client, _, close2 = canned({**gate, "decision": "abstain", "routed_to": None,
+                                "escalation": failed})  # fmt: skip
+    b = client.chat("q")
+    assert b.gate.abstained and b.gate.escalation == failed and b.gate.routed_to is None
+    close()
+    close2()
+
+
+def test_token_scores_may_be_absent_when_the_gate_decided_on_the_prompt() -> None:
+    prompt_only = {"epistemic": None, "aleatoric": None, "total": None,
+                   "prompt_novelty": 0.9, "combined": 0.99}  # fmt: skip
+    u = Uncertainty.from_dict(prompt_only)
+    assert (u.epistemic, u.aleatoric, u.total) == (None, None, None)
+    assert (u.prompt_novelty, u.combined, u.novelty) == (0.9, 0.99, None)
+
+
+def test_a_request_gate_is_sent_in_the_ensemble_extra() -> None:
+    client, sent, close = canned()
+    client.chat("q", gate=GateOptions(threshold=0.25, action="abstain"))
+    assert sent[-1]["ensemble"] == {"gate": {"threshold": 0.25, "action": "abstain"}}
+    opts = RequestOptions(per_token=True, gate=GateOptions(score="prompt_novelty", threshold=1))
+    client.complete("p", opts)
+    assert sent[-1]["ensemble"] == {
+        "per_token": True,
+        "gate": {"score": "prompt_novelty", "threshold": 1},
+    }
+    close()
+
+
 # --------------------------------------------------------------------------- the real gateway
 
 
@@ -276,7 +314,12 @@ def as_sent(obj: Any) -> Any:
 
 
 def with_nones(extra: dict[str, Any], cls: type) -> dict[str, Any]:
-    return {**{f.name: None for f in dataclasses.fields(cls)}, **extra}
+    """The JSON as its dataclass holds it: absent fields at their defaults (or None)."""
+    defaults = {
+        f.name: None if f.default is dataclasses.MISSING else f.default
+        for f in dataclasses.fields(cls)
+    }
+    return {**defaults, **extra}
 
 
 def test_chat_holds_exactly_what_the_gateway_sent(gateway: Factory) -> None:
@@ -302,7 +345,7 @@ def test_chat_holds_exactly_what_the_gateway_sent(gateway: Factory) -> None:
     assert list(a.responsibilities) == manifest.member_names
     assert a.candidates is not None
     assert [as_sent(c) for c in a.candidates] == choice["candidates"]
-    assert as_sent(a.gate) == body["gate"] and a.usage == body["usage"]
+    assert as_sent(a.gate) == with_nones(body["gate"], Gate) and a.usage == body["usage"]
     # what the gateway promises about these fields, checked on what the client returned
     assert "".join(t.token for t in a.uncertainty.per_token or [] if t.token != "<eos>") == a.text
     assert a.text in {c.text for c in a.candidates}
@@ -355,7 +398,7 @@ def test_complete_holds_exactly_what_the_gateway_sent(gateway: Factory) -> None:
     assert as_sent(a.uncertainty) == with_nones(choice["uncertainty"], Uncertainty)
     assert a.responsibilities == choice["responsibilities"]
     assert set(a.responsibilities) == set(manifest.member_names)
-    assert as_sent(a.gate) == body["gate"] and a.usage == body["usage"]
+    assert as_sent(a.gate) == with_nones(body["gate"], Gate) and a.usage == body["usage"]
     assert a.candidates is None and "candidates" not in choice
 
 
