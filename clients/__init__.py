@@ -1,35 +1,7 @@
-"""The Python client of the Soft Specialists gateway (built on the official ``openai`` SDK)."""
+"""The Python client of the Soft Specialists gateway (built on the official ``openai`` SDK).
 
-from clients.softspec_client import (
-    Abstained,
-    Candidate,
-    DecodeMode,
-    EnsembleAnswer,
-    Gate,
-    GateAction,
-    GateDecision,
-    GateOptions,
-    ProtocolError,
-    RequestOptions,
-    SelectMode,
-    SoftSpecClient,
-    TokenUncertainty,
-    Uncertainty,
-)
+Everything public lives in :mod:`clients.softspec_client`; its ``__all__`` is the package's.
+"""
 
-__all__ = [
-    "Abstained",
-    "Candidate",
-    "DecodeMode",
-    "EnsembleAnswer",
-    "Gate",
-    "GateAction",
-    "GateDecision",
-    "GateOptions",
-    "ProtocolError",
-    "RequestOptions",
-    "SelectMode",
-    "SoftSpecClient",
-    "TokenUncertainty",
-    "Uncertainty",
-]
+from clients.softspec_client import *  # noqa: F403
+from clients.softspec_client import __all__ as __all__
