@@ -6,6 +6,11 @@ extra ``ensemble`` travels in ``extra_body``, and the response extras — ``unce
 read back from the SDK objects' ``model_dump()``. This module only turns them into
 dataclasses; all HTTP (retries, timeouts, SSE, the error envelope) is the SDK's.
 
+Options: :meth:`SoftSpecClient.chat`, ``complete`` and ``stream_chat`` share one
+:class:`RequestOptions` (model, sampling, the ``ensemble`` extra, a per-request
+:class:`GateOptions`); its fields may also be given as keyword arguments, which override
+the object's, and any other keyword argument goes to the SDK unchanged.
+
 Units and sign: every uncertainty score is "higher = more uncertain". ``epistemic``,
 ``aleatoric`` and ``total`` are means over the answer's tokens in nats per token, with
 total = epistemic + aleatoric (the entropy of the mixture); ``sequence_epistemic`` is in
