@@ -12,10 +12,14 @@ teacher-forced on the rendered chat prompt, per member k:
 each averaged separately over in-distribution and OOD rows. "user" variants use only the
 tokens of the user's message (the chat template's fixed prefix and suffix left out).
 It then prints the OOD AUROC of the prompt-level scores this suggests (mixture LLR, mean
-member KL from the base, member disagreement on the prompt tokens). JSON is written to
-``--out``.
+member KL from the base, member disagreement on the prompt tokens) and, in
+``prompt_scores``, candidate aggregations of the per-token LLR (mean = the served
+``prompt_novelty``, sum, ratio to the base's NLL, quantiles) with their AUROC per OOD kind
+and their TPR at 5 % FPR (what a 5 % gate catches). JSON is written to ``--out``, the
+per-prompt records beside it; ``--rescore OUT.json`` recomputes the table from them.
 
-    python bench/ood_diagnose.py --ensemble DIR [--data eval_ood.jsonl] [--limit N]
+    python bench/ood_diagnose.py --ensemble DIR [--data eval_ood.jsonl] [--limit N] [--out F]
+    python bench/ood_diagnose.py --rescore F
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ensemble import metrics as M
 
 
 def _template_span(tok: Any) -> tuple[int, int]:
@@ -50,20 +56,84 @@ def _mix(tokens: Any, lw: Any) -> Any:
     return np.log(np.exp(a - a.max(0)).sum(0)) + a.max(0)
 
 
+def _kind(r: dict[str, Any]) -> str:
+    task = str(r["task"])
+    if not r["ood"]:
+        return "in"
+    if task.startswith("lang:"):
+        return "other_language"
+    return "novel_kind" if task.startswith("novel:") else "heldout_topic"
+
+
+def prompt_score_table(records: list[dict[str, Any]], lw: Any) -> dict[str, Any]:
+    """OOD AUROC (overall and per OOD kind) and TPR at 5 % FPR of candidate prompt-level
+    aggregations of the per-token members-vs-base log-likelihood ratio on the user's tokens.
+    TPR at 5 % FPR is what a 5 % gate sees; AUROC weighs the whole ranking."""
+
+    def ratio(r: dict[str, Any]) -> float:  # −Σ LLR / Σ base NLL: a log-perplexity ratio
+        return -float(np.sum(_mix(np.array(r["user_llr_tokens"]), lw))) / max(
+            1e-9, -float(np.sum(r["user_base_lp"]))
+        )
+
+    aggregations = {
+        "mean_mixture (served prompt_novelty)": lambda r: (
+            -float(np.mean(_mix(np.array(r["user_llr_tokens"]), lw)))
+        ),
+        "sum_mixture": lambda r: -float(np.sum(_mix(np.array(r["user_llr_tokens"]), lw))),
+        "ratio_to_base_nll": ratio,
+        "max_member_mean": lambda r: -float(np.max(np.mean(r["user_llr_tokens"], axis=1))),
+        "q10_mixture": lambda r: -float(np.quantile(_mix(np.array(r["user_llr_tokens"]), lw), 0.1)),
+        "min_mixture": lambda r: -float(np.min(_mix(np.array(r["user_llr_tokens"]), lw))),
+        "frac_negative": lambda r: float(np.mean(_mix(np.array(r["user_llr_tokens"]), lw) < 0)),
+    }
+    ood = [bool(r["ood"]) for r in records]
+    kinds = sorted({_kind(r) for r in records} - {"in"})
+    table: dict[str, Any] = {}
+    for name, fn in aggregations.items():
+        vals = np.array([fn(r) for r in records])
+        entry = {"all": M.auroc(vals.tolist(), ood)}
+        for kind in kinds:
+            sub = [i for i, r in enumerate(records) if _kind(r) in ("in", kind)]
+            entry[kind] = M.auroc(vals[sub].tolist(), [ood[i] for i in sub])
+        ind = np.sort(vals[~np.array(ood)])
+        thr = ind[int(np.ceil(0.95 * len(ind))) - 1]  # flags ≤ 5 % of in-distribution
+        entry["tpr_at_5pct_fpr"] = float(np.mean(vals[np.array(ood)] > thr))
+        table[name] = {k: round(v, 3) for k, v in entry.items()}
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ensemble", type=Path, default=None)
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        metavar="OUT.json",
+        help="recompute the prompt-score table from a finished run's OUT.json and "
+        "OUT.records.json, without loading any model",
+    )
+    args = p.parse_args(argv)
+    if args.rescore is not None:
+        done = json.loads(args.rescore.read_text())
+        records = json.loads(args.rescore.with_suffix(".records.json").read_text())
+        k = len(records[0]["user_llr_tokens"])  # runs before log_weights was saved: uniform
+        lw = np.array(done.get("log_weights", [-np.log(k)] * k))
+        table = prompt_score_table(records, lw)
+        print(json.dumps(table, indent=1))
+        return 0
+    if args.ensemble is None:
+        p.error("--ensemble is required (or --rescore OUT.json)")
+
     import torch
 
-    from ensemble import metrics as M
     from ensemble.jsonl import read_jsonl
     from softspec.paths import default_data_dir
     from training.model import load_ensemble
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ensemble", type=Path, required=True)
-    p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
     rows = read_jsonl(args.data or default_data_dir() / "eval_ood.jsonl")
     if args.limit:
         rows = rows[: args.limit]
@@ -159,37 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             }
     by_task: dict[str, list[float]] = {}
     for r in records:
-        kind = (
-            "in"
-            if not r["ood"]
-            else ("other_language" if str(r["task"]).startswith("lang:") else "heldout_topic")
-        )
-        by_task.setdefault(kind, []).append(-r["llr_all"])
+        by_task.setdefault(_kind(r), []).append(-r["llr_all"])
     res["neg_llr_all_by_kind"] = {k: round(float(np.mean(v)), 4) for k, v in by_task.items()}
-    res["auroc_by_kind"] = {}
-    kinds = {
-        "other_language": lambda r: str(r["task"]).startswith("lang:"),
-        "heldout_topic": lambda r: not str(r["task"]).startswith("lang:"),
-    }
-    aggregations = {
-        "mean_mixture": lambda t: -float(np.mean(_mix(t, lw))),
-        "sum_mixture": lambda t: -float(np.sum(_mix(t, lw))),
-        "max_member_mean": lambda t: -float(np.max(np.mean(t, axis=1))),
-        "q10_mixture": lambda t: -float(np.quantile(_mix(t, lw), 0.1)),
-        "min_mixture": lambda t: -float(np.min(_mix(t, lw))),
-        "frac_negative": lambda t: float(np.mean(_mix(t, lw) < 0)),
-    }
-    for name, fn in aggregations.items():
-        vals = [fn(np.array(r["user_llr_tokens"])) for r in records]
-        entry = {"all": M.auroc(vals, ood)}
-        for kind, is_kind in kinds.items():
-            sub = [
-                (v, r["ood"])
-                for v, r in zip(vals, records, strict=True)
-                if not r["ood"] or is_kind(r)
-            ]
-            entry[kind] = M.auroc([v for v, _ in sub], [o for _, o in sub])
-        res["auroc_by_kind"][name] = {k: round(v, 3) for k, v in entry.items()}
+    res["log_weights"] = np.asarray(lw).tolist()
+    res["prompt_scores"] = prompt_score_table(records, lw)
     if args.out:
         args.out.with_suffix(".records.json").write_text(json.dumps(records))
     text = json.dumps(res, indent=1)
