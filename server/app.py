@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,7 +19,8 @@ from ensemble.errors import ConfigError
 from server.admission import Admission
 from server.engine import Engine
 from server.errors import PayloadTooLargeError, error_response, install_error_handlers
-from server.gate import GatePolicy
+from server.fallback import Fallback
+from server.gate import GateAction, GatePolicy
 from server.metrics import Metrics
 from server.routes import open_router, router
 from server.service import EnsembleService
@@ -25,6 +28,8 @@ from server.settings import Settings
 from server.supervisor import EngineSupervisor, Restartable
 
 __all__ = ["BodyLimit", "create_app", "gate_policy"]
+
+log = logging.getLogger("softspec.server")
 
 
 class BodyLimit:
@@ -100,6 +105,7 @@ def create_app(
     supervise: bool = False,
     process: Restartable | None = None,
     on_give_up: Callable[[str], None] | None = None,
+    fallback_transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """Build the gateway for ``settings.ensemble`` on the engine the factory makes.
 
@@ -109,6 +115,9 @@ def create_app(
     With ``supervise`` (or a ``process``), a watch task probes the engine, answers 503 at
     once while it is down, and restarts ``process`` (the vLLM child) when it dies; after
     too many failed restarts it calls ``on_give_up`` (server/supervisor.py).
+
+    With ``settings.fallback_url`` the gate can escalate (server/fallback.py;
+    ``fallback_transport`` replaces its network in tests).
     """
     manifest = manifest or manifest_io.load(settings.ensemble)
     try:
@@ -117,6 +126,13 @@ def create_app(
         raise ConfigError(str(exc)) from exc
     metrics = Metrics()
     engine = engine_factory(manifest, metrics)
+    fallback = None
+    if settings.fallback_url is not None:
+        fallback = Fallback(
+            settings.fallback_url, model=settings.fallback_model,
+            api_key=settings.fallback_api_key, timeout=settings.fallback_timeout,
+            metrics=metrics, transport=fallback_transport,
+        )  # fmt: skip
     watch: EngineSupervisor | None = None
     if supervise or process is not None:
 
@@ -133,6 +149,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        if fallback is not None:
+            await fallback.start()
+            if not await fallback.probe():  # a warning, not a failure: /ready says so
+                log.warning("the fallback is not reachable at start-up: %s", fallback.detail)
         task = asyncio.create_task(watch.run()) if watch is not None else None
         try:
             yield
@@ -142,6 +162,8 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await engine.close()
+            if fallback is not None:
+                await fallback.close()
 
     app = FastAPI(title="Soft Specialists", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -151,8 +173,10 @@ def create_app(
     app.state.admission = Admission(settings.max_concurrency, settings.max_queue, metrics)
     app.state.supervisor = watch
     app.state.service = EnsembleService(
-        manifest, engine, gate, metrics, top_n=settings.top_logprobs
-    )
+        manifest, engine, gate, metrics, top_n=settings.top_logprobs, fallback=fallback,
+        fallback_on_error=GateAction(settings.fallback_on_error),
+        allow_loosen=settings.gate_allow_loosen,
+    )  # fmt: skip
     install_error_handlers(app)
     app.include_router(open_router)
     app.include_router(router)

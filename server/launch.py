@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from ensemble import manifest as manifest_io
 from ensemble.errors import ConfigError
 from server.engine import Engine
+from server.gate import GateAction
 from server.metrics import Metrics
 from server.settings import Settings
 from server.vllm_args import ensemble_adapters, ensemble_model
@@ -56,7 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--gate-score", help="uncertainty score the gate thresholds")
     p.add_argument("--gate-threshold", type=float, help="gate threshold (higher score = less sure)")
-    p.add_argument("--gate-action", choices=["flag", "abstain"], help="what the gate does above it")
+    p.add_argument(
+        "--gate-action", choices=[a.value for a in GateAction], help="what the gate does above it"
+    )
+    p.add_argument(
+        "--gate-allow-loosen",
+        action="store_const",
+        const=True,
+        help="let clients loosen the gate per request (default: only tighten)",
+    )
+    p.add_argument("--fallback-url", help="OpenAI-compatible URL (…/v1) the gate escalates to")
+    p.add_argument("--fallback-model", help="the fallback's model id (default: its first)")
+    p.add_argument("--fallback-timeout", type=float, help="seconds per fallback call")
+    p.add_argument(
+        "--fallback-on-error",
+        choices=["abstain", "flag"],
+        help="when the fallback fails: abstain, or flag the ensemble's answer",
+    )
     p.add_argument("--api-keys", help="comma-separated bearer keys (default: no auth)")
     p.add_argument("--request-timeout", type=float, help="seconds per upstream call")
     p.add_argument("--max-model-len", type=int, help="context length given to vLLM")

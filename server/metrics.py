@@ -34,9 +34,23 @@ class Metrics:
             "softspec_epistemic_nats", "epistemic uncertainty of answers (nats/token)",
             buckets=_EPISTEMIC, registry=r,
         )  # fmt: skip
+        # --- the gate and escalation (docs/routing.md) -----------------------------------
         self.gate = Counter(
-            "softspec_gate_decisions_total", "gate decisions", ["decision"], registry=r
+            "softspec_gate_decisions_total",
+            "gate decisions as the gate made them",
+            ["decision", "stage"],  # pass | flag | escalate | abstain; prompt | answer
+            registry=r,
         )
+        self.escalations = Counter(
+            "softspec_escalations_total",
+            "escalations to the fallback model",
+            ["outcome"],  # ok | error | timeout
+            registry=r,
+        )
+        self.fallback_latency = Histogram(
+            "softspec_fallback_seconds", "fallback call latency (to the last byte)",
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
         self.upstream_errors = Counter(
             "softspec_upstream_errors_total", "engine errors", ["member", "kind"], registry=r
         )

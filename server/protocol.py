@@ -7,11 +7,13 @@ with the field's name rather than a silently ignored option.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
+from ensemble.scores import GATE_SCORES
 from server.engine import SamplingParams
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "CompletionRequest",
     "DecodeMode",
     "EnsembleOptions",
+    "GateOptions",
     "SelectMode",
     "StreamOptions",
 ]
@@ -55,12 +58,44 @@ class SelectMode(StrEnum):
     MAJORITY = "majority"  # most frequent normalised answer (ties: mixture score)
 
 
+# Not sent to a fallback: ours (stream is set per call), or log-prob options an escalated
+# answer does not return, or only accepted at their neutral values.
+_NOT_FORWARDED = {
+    "stream", "n", "logprobs", "top_logprobs", "echo", "presence_penalty", "frequency_penalty",
+}  # fmt: skip
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(_Request):
     include_usage: StrictBool = False
+
+
+class GateOptions(_Request):
+    """``ensemble.gate``: this request's gate (docs/routing.md). Unset fields take the
+    server's values; a locked server gate (SOFTSPEC_GATE_ALLOW_LOOSEN=false) can only be
+    tightened: a lower threshold, a stricter action (flag < escalate < abstain), or a gate
+    on another score added to the server's."""
+
+    score: str | None = None
+    threshold: StrictFloat | None = None
+    action: Literal["flag", "escalate", "abstain"] | None = None
+
+    @field_validator("score")
+    @classmethod
+    def _known_score(cls, v: str | None) -> str | None:
+        if v is not None and v not in GATE_SCORES:
+            raise ValueError(f"must be one of {', '.join(GATE_SCORES)}")
+        return v
+
+    @field_validator("threshold")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
 
 
 class EnsembleOptions(_Request):
@@ -72,6 +107,7 @@ class EnsembleOptions(_Request):
     members: list[str] | None = Field(default=None, min_length=1)
     return_candidates: StrictBool = False
     per_token: StrictBool = False
+    gate: GateOptions | None = None
 
 
 class ChatMessage(_Request):
@@ -153,6 +189,18 @@ class _Sampling(_Request):
     def logprobs_top(self) -> int:
         """Top log-probs per position the client asked for (0: none)."""
         raise NotImplementedError
+
+    def fallback_body(self) -> dict[str, Any]:
+        """The request as the gate's fallback gets it (server/fallback.py): the OpenAI
+        fields the client sent, without the ensemble extra and the log-prob options (an
+        escalated answer carries none); the fallback adds its model and ``stream``."""
+        body = self.model_dump(
+            mode="json", exclude_none=True, exclude=_NOT_FORWARDED | {"model", "ensemble"}
+        )
+        for m in body.get("messages", []):
+            if m["role"] == "developer":  # as the ensemble saw it (routes.chat_completions)
+                m["role"] = "system"
+        return body
 
     def to_sampling_params(self, top_n: int) -> SamplingParams:
         """The engine's sampling parameters (``top_n``: log-probs the engine returns)."""

@@ -32,10 +32,15 @@ def new_id(prefix: str) -> str:
 
 
 def gate_headers(out: Outcome) -> dict[str, str]:
-    return {
-        "x-gate-decision": out.gate.decision,
-        "x-uncertainty-epistemic": f"{float(out.uncertainty['epistemic']):.6g}",
-    }
+    headers = {"x-gate-decision": out.gate.decision}
+    if out.uncertainty.get("epistemic") is not None:  # None: decided before generation
+        headers["x-uncertainty-epistemic"] = f"{float(out.uncertainty['epistemic']):.6g}"
+    return headers
+
+
+def _own_answer(out: Outcome) -> bool:
+    """The ensemble's answer is what the client gets (its log-probs describe it)."""
+    return out.gate.decision not in ("abstain", "escalate")
 
 
 def _content(out: Outcome, abstain_text: str) -> tuple[str, str]:
@@ -105,7 +110,7 @@ def _completion_logprobs(out: Outcome) -> dict[str, Any]:
 
 def chat_body(job: Job, out: Outcome, abstain_text: str) -> dict[str, Any]:
     text, finish = _content(out, abstain_text)
-    logprobs = _chat_logprobs(out) if job.want_logprobs and finish != "content_filter" else None
+    logprobs = _chat_logprobs(out) if job.want_logprobs and _own_answer(out) else None
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
@@ -127,9 +132,7 @@ def chat_body(job: Job, out: Outcome, abstain_text: str) -> dict[str, Any]:
 
 def completion_body(job: Job, out: Outcome, abstain_text: str) -> dict[str, Any]:
     text, finish = _content(out, abstain_text)
-    logprobs = (
-        _completion_logprobs(out) if job.want_logprobs and finish != "content_filter" else None
-    )
+    logprobs = _completion_logprobs(out) if job.want_logprobs and _own_answer(out) else None
     return {
         "id": new_id("cmpl"),
         "object": "text_completion",

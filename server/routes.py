@@ -26,7 +26,8 @@ from server.errors import (
     error_body,
     error_headers,
 )
-from server.protocol import ChatCompletionRequest, CompletionRequest, DecodeMode
+from server.fallback import FallbackError, FallbackStream
+from server.protocol import ChatCompletionRequest, CompletionRequest, DecodeMode, EnsembleOptions
 from server.responses import (
     chat_body,
     chat_chunks,
@@ -97,14 +98,19 @@ async def ready(request: Request) -> JSONResponse:
         try:
             sup.check()
         except APIError as exc:
-            body = error_body(f"not ready: {exc.message}", exc.type, code=exc.code)
-            return JSONResponse(body, status_code=503, headers=error_headers(exc))
-    state = await service(request).engine.ready()
-    body = {
+            down = error_body(f"not ready: {exc.message}", exc.type, code=exc.code)
+            return JSONResponse(down, status_code=503, headers=error_headers(exc))
+    svc = service(request)
+    state = await svc.engine.ready()
+    body: dict[str, Any] = {
         "status": "ready" if state.ready else "not ready",
         "detail": state.detail,
         "members": state.members,
     }
+    if svc.fallback is not None:  # unreachable is reported, not fatal: escalations fail over
+        if not svc.fallback.reachable:
+            await svc.fallback.probe()
+        body["fallback"] = {"reachable": svc.fallback.reachable, "detail": svc.fallback.detail}
     if state.ready:
         return JSONResponse(body)
     return JSONResponse(
@@ -134,6 +140,7 @@ async def models(request: Request) -> dict[str, Any]:
             "members": m.member_names,
             "alpha": m.alpha,
             "base_model": display_name(m.base_model),
+            "gate": gate_summary(request),
         }
     ]
     data += [
@@ -149,6 +156,46 @@ async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+def gate_summary(request: Request) -> dict[str, Any]:
+    """The gate as served: the effective policy, who may change it per request, the
+    fallback, and the manifest's calibration record (its method, sample size, guarantee
+    …; the raw calibration scores left out)."""
+    svc = service(request)
+    settings = request.app.state.settings
+    gate: dict[str, Any] = {
+        "score_name": svc.gate.score_name,
+        "threshold": svc.gate.threshold,
+        "action": svc.gate.action.value,
+        "allow_loosen": svc.allow_loosen,
+        "decides_before_generation": svc.request_gate(EnsembleOptions()).can_decide_early,
+    }
+    fb = svc.fallback
+    gate["fallback"] = (
+        None
+        if fb is None
+        else {"model": fb.model, "reachable": fb.reachable, "on_error": settings.fallback_on_error}
+    )
+    record = svc.manifest.gate.model_dump(mode="json", exclude={"score_name", "threshold"})
+    gate.update({k: _without_arrays(v) for k, v in record.items()})
+    return gate
+
+
+def _without_arrays(value: Any) -> Any:
+    """``value`` without its long numeric arrays (calibration scores), at any depth."""
+    if isinstance(value, dict):
+        kept = {k: _without_arrays(v) for k, v in value.items() if not _is_array(v)}
+        return kept
+    return value
+
+
+def _is_array(value: Any) -> bool:
+    if isinstance(value, list):
+        return len(value) > 8 and all(isinstance(x, int | float) for x in value)
+    if isinstance(value, dict) and value:
+        return all(_is_array(v) for v in value.values())
+    return False
+
+
 def display_name(base_model: str) -> str:
     """A base model as clients may see it: a hub id as is, a local path by its last part
     (the server's directory layout is not the client's business)."""
@@ -157,7 +204,9 @@ def display_name(base_model: str) -> str:
     return p.name if local else base_model
 
 
-def _job(svc: EnsembleService, req: ChatCompletionRequest | CompletionRequest, prompt: Any) -> Job:
+def _job(
+    svc: EnsembleService, req: ChatCompletionRequest | CompletionRequest, prompt: Any, kind: str
+) -> Job:
     return Job(
         model=req.model,
         members=svc.resolve_members(req.model, req.ensemble),
@@ -167,6 +216,9 @@ def _job(svc: EnsembleService, req: ChatCompletionRequest | CompletionRequest, p
         want_logprobs=req.logprobs_wanted,
         top_logprobs=req.logprobs_top,
         max_tokens_auto=req.token_limit is None,
+        gate=svc.request_gate(req.ensemble),  # a bad ensemble.gate is a 400 before any work
+        kind=kind,
+        forward=req.fallback_body(),
     )
 
 
@@ -295,7 +347,7 @@ class _HeldStream(StreamingResponse):
 
 
 async def _respond(
-    request: Request, job: Job, kind: str, stream: bool, include_usage: bool, deadline: float
+    request: Request, job: Job, stream: bool, include_usage: bool, deadline: float
 ) -> Any:
     svc = service(request)
     abstain = request.app.state.gate.abstain_text
@@ -310,27 +362,90 @@ async def _respond(
                 raise
             events = svc.stream_tokens(job, prompt)
             return _HeldStream(
-                _token_stream(kind, job, events, abstain, include_usage, ends),
+                _token_stream(svc, job, events, abstain, include_usage, ends),
                 hold,
                 media_type="text/event-stream",
             )
 
         async def tokens() -> Outcome:
             prompt = await svc.prepare_tokens(job)
-            return await _last(svc.stream_tokens(job, prompt))
+            return await _escalated(svc, job, await _last(svc.stream_tokens(job, prompt)))
 
         outcome = await _admitted(request, tokens, deadline)
     else:
-        outcome = await _admitted(request, lambda: svc.run(job), deadline)
+        hold = contextlib.AsyncExitStack()
+
+        async def sequence() -> Outcome | tuple[FallbackStream, Outcome]:
+            out = await svc.run(job)
+            if out.gate.decision != "escalate":
+                return out
+            if not stream:
+                return await svc.escalate(job, out)
+            opened = await svc.open_escalation(job, out)  # relayed below, slot held
+            return opened if isinstance(opened, Outcome) else (opened, out)
+
+        try:
+            result = await _admitted(request, sequence, deadline, hold)
+        except BaseException:
+            await hold.aclose()
+            raise
+        if isinstance(result, tuple):
+            relay, decided = result
+            return _HeldStream(
+                _relay(svc, job, relay, decided, include_usage, role=True),
+                hold,
+                media_type="text/event-stream",
+                headers=gate_headers(decided),
+            )
+        await hold.aclose()
+        outcome = result
     if stream:
-        frames = (chat_chunks if kind == "chat" else completion_chunks)(
+        frames = (chat_chunks if job.kind == "chat" else completion_chunks)(
             job, outcome, abstain, include_usage
         )
         return StreamingResponse(
             iter(frames), media_type="text/event-stream", headers=gate_headers(outcome)
         )
-    body = (chat_body if kind == "chat" else completion_body)(job, outcome, abstain)
+    body = (chat_body if job.kind == "chat" else completion_body)(job, outcome, abstain)
     return JSONResponse(body, headers=gate_headers(outcome))
+
+
+async def _escalated(svc: EnsembleService, job: Job, out: Outcome) -> Outcome:
+    return await svc.escalate(job, out) if out.gate.decision == "escalate" else out
+
+
+async def _relay(
+    svc: EnsembleService,
+    job: Job,
+    relay: FallbackStream,
+    decided: Outcome,
+    include_usage: bool,
+    role: bool,
+) -> AsyncIterator[str]:
+    """The fallback's answer as our chunks (after the ensemble decided to escalate), then
+    the final chunk with the ensemble's uncertainty and ``gate.routed_to``. A failure
+    after the first piece ends the stream with an error event (it cannot be taken back)."""
+    frames = token_frames(job.kind, job)
+    pieces: list[str] = []
+    try:
+        async for piece in relay.pieces():
+            yield sse(frames.delta(piece, role=role and not pieces))
+            pieces.append(piece)
+    except FallbackError as exc:
+        svc.relay_broke(exc)
+        yield sse(error_body(f"the fallback failed mid-answer: {exc}", "upstream_error",
+                             code="fallback_failed"))  # fmt: skip
+        yield sse("[DONE]")
+        return
+    finally:
+        await relay.aclose()
+    if role and not pieces:
+        yield sse(frames.delta("", role=True))
+    out = svc.relayed(decided, relay, "".join(pieces))
+    yield sse(frames.final(out, out.finish_reason))
+    if include_usage:
+        yield sse(frames.usage(out))
+    yield sse("[DONE]")
 
 
 async def _last(events: AsyncIterator[MixtureStep | Outcome]) -> Outcome:
@@ -342,16 +457,19 @@ async def _last(events: AsyncIterator[MixtureStep | Outcome]) -> Outcome:
 
 
 async def _token_stream(
-    kind: str,
+    svc: EnsembleService,
     job: Job,
     events: AsyncIterator[MixtureStep | Outcome],
     abstain: str,
     include_usage: bool,
     ends: float,
 ) -> AsyncIterator[str]:
-    """Token mode: each token is sent as soon as it is decided; errors (and the deadline,
-    at ``ends`` on the monotonic clock) end the stream."""
-    frames = token_frames(kind, job)
+    """Token mode: each token is sent as soon as it is decided — unless the gate could
+    withhold the answer (abstain, escalate): then the tokens are held back until the gate
+    has decided, so no token of a withheld answer reaches the client (docs/routing.md).
+    Errors (and the deadline, at ``ends`` on the monotonic clock) end the stream."""
+    frames = token_frames(job.kind, job)
+    held: list[str] | None = [] if svc.gate_for(job).withholds else None
     first = True
     try:
         while True:
@@ -364,9 +482,26 @@ async def _token_stream(
                     "the stream did not finish within its deadline; generation was stopped"
                 ) from exc
             if isinstance(ev, MixtureStep):
+                if held is not None:
+                    held.append(ev.text)
+                    continue
                 yield sse(frames.delta(ev.text, role=first))
                 first = False
                 continue
+            if ev.gate.decision == "escalate":
+                opened = await svc.open_escalation(job, ev)
+                if not isinstance(opened, Outcome):
+                    async for frame in _relay(svc, job, opened, ev, include_usage, role=first):
+                        yield frame
+                    return
+                ev = opened  # the fallback failed: the failure policy's outcome
+            if ev.gate.decision == "abstain":
+                yield sse(frames.delta(abstain, role=first))
+                first = False
+            elif held:
+                for piece in held:
+                    yield sse(frames.delta(piece, role=first))
+                    first = False
             finish = "content_filter" if ev.gate.decision == "abstain" else ev.finish_reason
             if first:
                 yield sse(frames.delta("", role=True))
@@ -404,9 +539,9 @@ async def chat_completions(
         for m in req.messages
     ]
     _check_prompt(request, messages, "messages")
-    job = _job(svc, req, messages)
+    job = _job(svc, req, messages, "chat")
     include = bool(req.stream_options and req.stream_options.include_usage)
-    return await _respond(request, job, "chat", req.stream, include, _budget(request, timeout))
+    return await _respond(request, job, req.stream, include, _budget(request, timeout))
 
 
 @router.post("/v1/completions")
@@ -415,8 +550,6 @@ async def completions(
 ) -> Any:
     svc = service(request)
     _check_prompt(request, req.prompt, "prompt")
-    job = _job(svc, req, req.prompt)
+    job = _job(svc, req, req.prompt, "completion")
     include = bool(req.stream_options and req.stream_options.include_usage)
-    return await _respond(
-        request, job, "completion", req.stream, include, _budget(request, timeout)
-    )
+    return await _respond(request, job, req.stream, include, _budget(request, timeout))

@@ -27,7 +27,8 @@ from ensemble.novelty import novelty
 from ensemble.scores import Score
 from server.engine import BASE, Engine, Generation, MixtureStep, SamplingParams, TokenScores
 from server.errors import InvalidRequestError, ModelNotFoundError
-from server.gate import GateDecision, GatePolicy
+from server.fallback import Fallback, FallbackError, FallbackStream
+from server.gate import GateAction, GateDecision, GatePolicy, RequestGate, request_gate
 from server.metrics import Metrics
 from server.mixing import Candidate, MixOutcome, mean_over_tokens, mix, renormalised
 from server.protocol import DecodeMode, EnsembleOptions
@@ -35,6 +36,15 @@ from server.protocol import DecodeMode, EnsembleOptions
 __all__ = ["CandidateTable", "EnsembleService", "Job", "Outcome", "Usage"]
 
 MEMBER_SEPARATOR = ":"
+# the scores an answer carries that need the answer (None when the gate decided before it)
+ANSWER_SCORES = (
+    "epistemic",
+    "aleatoric",
+    "total",
+    Score.SEQUENCE_EPISTEMIC.value,
+    Score.DISAGREEMENT.value,
+    Score.NOVELTY.value,
+)
 
 
 @dataclass
@@ -49,6 +59,9 @@ class Job:
     want_logprobs: bool = False
     top_logprobs: int = 0
     max_tokens_auto: bool = False  # max_tokens not given: shrink to fit the context
+    gate: RequestGate | None = None  # None: the server's gate
+    kind: str = "chat"  # "chat" | "completion": the endpoint (for the fallback)
+    forward: dict[str, Any] = field(default_factory=dict)  # the request as the fallback gets it
 
 
 @dataclass
@@ -102,12 +115,24 @@ class EnsembleService:
         gate: GatePolicy,
         metrics: Metrics,
         top_n: int = 20,
+        *,
+        fallback: Fallback | None = None,
+        fallback_on_error: GateAction = GateAction.ABSTAIN,
+        allow_loosen: bool = False,
     ) -> None:
         self.manifest = manifest
         self.engine = engine
         self.gate = gate
         self.metrics = metrics
         self.top_n = top_n
+        self.fallback = fallback
+        self.fallback_on_error = fallback_on_error
+        self.allow_loosen = allow_loosen
+        if gate.action is GateAction.ESCALATE and fallback is None:
+            raise ConfigError(
+                "gate action 'escalate' needs a fallback model: set --fallback-url "
+                "(SOFTSPEC_FALLBACK_URL), or choose --gate-action flag or abstain"
+            )
         self.log_weights = dict(zip(manifest.member_names, manifest.log_weights(), strict=True))
         self._template: tuple[int, int] | None = None  # chat template (prefix, suffix) tokens
         if gate.score_name == Score.COMBINED and manifest.gate.calibration is None:
@@ -153,6 +178,22 @@ class EnsembleService:
             param="model",
         )
 
+    def request_gate(self, options: EnsembleOptions) -> RequestGate:
+        """The gate of one request: the server's, tightened by ``ensemble.gate`` (400s for
+        an override the server does not allow)."""
+        return request_gate(
+            self.gate,
+            options.gate,
+            allow_loosen=self.allow_loosen,
+            escalate_ok=self.fallback is not None,
+            calibration=self.manifest.gate.calibration,
+        )
+
+    def gate_for(self, job: Job) -> RequestGate:
+        if job.gate is None:
+            job.gate = self.request_gate(job.options)
+        return job.gate
+
     # ------------------------------------------------------------------ prompt
 
     async def prompt_ids(self, job: Job) -> list[int]:
@@ -177,13 +218,23 @@ class EnsembleService:
 
     # ------------------------------------------------------------------ sequence mode
 
-    async def run(self, job: Job) -> Outcome:
-        """Sequence mode: generate on every member, cross-score, select, mix, gate."""
+    async def run(self, job: Job, early: bool = True) -> Outcome:
+        """Sequence mode: generate on every member, cross-score, select, mix, gate.
+
+        When the gate's score is known from the prompt alone and its action withholds the
+        answer (abstain, escalate), the prompt is scored first and a gate that fires
+        stops the request before any member generates (``early=False`` skips that)."""
         if job.options.decode == DecodeMode.TOKEN:
             raise InvalidRequestError("use stream_tokens for token mode")  # routes guarantee this
         prompt = await self.prompt_ids(job)
         usage = Usage()
         span = await self._content_span(job, prompt)
+        known: dict[str, TokenScores] | None = None
+        if early and self.gate_for(job).can_decide_early:
+            known = await self._score_prompt(job.members, prompt, span, usage)
+            stopped = self._decide_early(job, known, usage)
+            if stopped is not None:
+                return stopped
         gens = await self.engine.generate_all(job.members, prompt, job.params)
         generations = [g for per_member in gens for g in per_member]
         usage.prompt_tokens += len(prompt) * len(job.members)
@@ -191,10 +242,16 @@ class EnsembleService:
         # the prompt's scores travel with the cross-scoring: the engine runs base requests
         # apart from adapter requests (server/vllm_engine.py), so during generation they
         # would only wait
-        (cands, base), prompt_scores = await asyncio.gather(
-            self._cross_score(job.members, prompt, generations, usage),
-            self._score_prompt(job.members, prompt, span, usage),
-        )
+        if known is None:
+            (cands, base), prompt_scores = await asyncio.gather(
+                self._cross_score(job.members, prompt, generations, usage),
+                self._score_prompt(job.members, prompt, span, usage),
+            )
+        else:
+            (cands, base), prompt_scores = (
+                await self._cross_score(job.members, prompt, generations, usage),
+                known,
+            )
         lw = renormalised(self.log_weights, job.members)
         outcome = mix(cands, job.members, lw, self.manifest.alpha, job.options.select, self.top_n)
         answer = cands[outcome.answer]
@@ -207,6 +264,32 @@ class EnsembleService:
             job.members, prompt_scores, lw
         )
         return await self._finish(job, cands, outcome, usage)
+
+    def _decide_early(
+        self, job: Job, prompt_scores: dict[str, TokenScores], usage: Usage
+    ) -> Outcome | None:
+        """The gate on the prompt's scores alone: an :class:`Outcome` without an answer
+        when it fires (abstain / escalate), ``None`` to go on generating."""
+        lw = renormalised(self.log_weights, job.members)
+        pn = self._prompt_novelty(job.members, prompt_scores, lw)
+        if pn is None:
+            return None  # nothing to score (an empty user span): decide on the answer
+        uncertainty: dict[str, Any] = dict.fromkeys(ANSWER_SCORES)
+        uncertainty[Score.PROMPT_NOVELTY.value] = pn
+        self._with_combined(uncertainty)
+        gate = self.gate_for(job).decide(uncertainty, stage="prompt")
+        if gate.decision == "pass":
+            return None
+        self._observe(uncertainty, gate)
+        return Outcome(
+            text="",
+            finish_reason="stop",
+            token_ids=[],
+            uncertainty=uncertainty,
+            responsibilities={m: float(w) for m, w in zip(job.members, np.exp(lw), strict=True)},
+            gate=gate,
+            usage=usage,
+        )
 
     async def _content_span(self, job: Job, prompt: list[int]) -> tuple[int, int]:
         """[start, end) of the prompt tokens the user wrote: a chat prompt without the
@@ -271,7 +354,7 @@ class EnsembleService:
     ) -> Outcome:
         answer = cands[out.answer].generation
         uncertainty: dict[str, Any] = self._with_combined(dict(out.uncertainty))
-        gate = self.gate.decide(uncertainty)
+        gate = self.gate_for(job).decide(uncertainty)
         self._observe(uncertainty, gate)
         texts: dict[int, str] = {}
         if job.options.per_token or job.want_logprobs:
@@ -309,8 +392,9 @@ class EnsembleService:
         return uncertainty
 
     def _observe(self, uncertainty: dict[str, Any], gate: GateDecision) -> None:
-        self.metrics.epistemic.observe(float(uncertainty["epistemic"]))
-        self.metrics.gate.labels(gate.decision).inc()
+        if uncertainty.get("epistemic") is not None:
+            self.metrics.epistemic.observe(float(uncertainty["epistemic"]))
+        self.metrics.gate.labels(gate.decision, gate.stage).inc()
 
     # ------------------------------------------------------------------ token mode
 
@@ -332,8 +416,17 @@ class EnsembleService:
     async def stream_tokens(
         self, job: Job, prompt: list[int]
     ) -> AsyncIterator[MixtureStep | Outcome]:
-        """Token mode: yield each decided token, then the final :class:`Outcome`."""
+        """Token mode: yield each decided token, then the final :class:`Outcome` (only the
+        outcome when the gate decides on the prompt alone, as in :meth:`run`)."""
         lw = renormalised(self.log_weights, job.members)
+        if self.gate_for(job).can_decide_early:
+            usage = Usage()
+            span = await self._content_span(job, prompt)
+            scores = await self._score_prompt(job.members, prompt, span, usage)
+            stopped = self._decide_early(job, scores, usage)
+            if stopped is not None:
+                yield stopped
+                return
         steps: list[MixtureStep] = []
         async for step in self.engine.decode_mixture(job.members, lw, prompt, job.params):
             steps.append(step)
@@ -354,7 +447,7 @@ class EnsembleService:
         span = await self._content_span(job, prompt)
         uncertainty.update(await self._token_novelty(job.members, prompt, span, steps, lw))
         self._with_combined(uncertainty)
-        gate = self.gate.decide(uncertainty)
+        gate = self.gate_for(job).decide(uncertainty)
         self._observe(uncertainty, gate)
         usage = Usage(
             prompt_tokens=len(prompt) * (2 * len(job.members) + 1) + len(steps),
@@ -398,6 +491,52 @@ class EnsembleService:
             Score.PROMPT_NOVELTY.value: novelty(prompt_lp, base[user], lw) if end > start else None,
             Score.NOVELTY.value: novelty(answer_lp, base[len(prompt) - 1 :], lw) if steps else None,
         }
+
+    # ------------------------------------------------------------------ escalation
+
+    async def escalate(self, job: Job, out: Outcome) -> Outcome:
+        """The fallback's answer in place of the ensemble's (non-streamed); on failure the
+        failure policy's outcome (:meth:`escalation_failed`)."""
+        assert self.fallback is not None  # a gate can escalate only with one (request_gate)
+        try:
+            answer = await self.fallback.complete(job.kind, job.forward)
+        except FallbackError as exc:
+            return await self.escalation_failed(job, out, exc)
+        self.metrics.escalations.labels("ok").inc()
+        gate = replace(
+            out.gate.routed(answer.model), escalation={"outcome": "ok", "usage": answer.usage}
+        )
+        return replace(out, text=answer.text, finish_reason=answer.finish_reason, gate=gate)
+
+    async def open_escalation(self, job: Job, out: Outcome) -> FallbackStream | Outcome:
+        """A streamed escalation, opened (nothing relayed yet); the failure policy's
+        outcome when the fallback does not answer."""
+        assert self.fallback is not None
+        try:
+            return await self.fallback.open_stream(job.kind, job.forward)
+        except FallbackError as exc:
+            return await self.escalation_failed(job, out, exc)
+
+    def relayed(self, out: Outcome, relay: FallbackStream, text: str) -> Outcome:
+        """A streamed escalation that finished: the outcome the final chunk carries."""
+        self.metrics.escalations.labels("ok").inc()
+        gate = replace(
+            out.gate.routed(relay.model), escalation={"outcome": "ok", "usage": relay.usage}
+        )
+        return replace(out, text=text, finish_reason=relay.finish_reason, gate=gate)
+
+    def relay_broke(self, exc: FallbackError) -> None:
+        """A streamed escalation that failed after its first piece went out."""
+        self.metrics.escalations.labels(exc.outcome).inc()
+
+    async def escalation_failed(self, job: Job, out: Outcome, exc: FallbackError) -> Outcome:
+        """Apply SOFTSPEC_FALLBACK_ON_ERROR: abstain, or flag the ensemble's answer (which
+        is generated now if the gate decided before generating)."""
+        self.metrics.escalations.labels(exc.outcome).inc()
+        action = self.fallback_on_error
+        if action is GateAction.FLAG and out.gate.stage == "prompt":
+            out = replace(await self.run(job, early=False), gate=out.gate)
+        return replace(out, gate=out.gate.escalation_failed(action, str(exc)))
 
 
 async def _template_span(engine: Engine) -> tuple[int, int]:

@@ -39,6 +39,22 @@ class Settings(VLLMShape, BaseSettings):
     gate_threshold: float | None = None
     gate_action: GateAction = GateAction.FLAG
     abstain_text: str = "I'm not confident enough to answer that."
+    gate_allow_loosen: bool = Field(
+        default=False, description="clients may loosen the gate per request (ensemble.gate)"
+    )
+    # --- escalation (docs/routing.md) ----------------------------------------------
+    fallback_url: str | None = Field(
+        default=None, description="OpenAI-compatible base URL (…/v1) the gate escalates to"
+    )
+    fallback_model: str | None = Field(
+        default=None, description="the fallback's model id (default: its first listed model)"
+    )
+    fallback_api_key: str | None = Field(default=None, repr=False, description="bearer key")
+    fallback_timeout: float = Field(default=60.0, gt=0, description="seconds per fallback call")
+    fallback_on_error: Literal["abstain", "flag"] = Field(
+        default="abstain",
+        description="when the fallback fails or times out: abstain, or flag the ensemble's answer",
+    )
     request_timeout: float = Field(default=120.0, gt=0, description="seconds per upstream call")
     vllm_startup_timeout: float = Field(default=600.0, gt=0)
     log_level: str = "info"
@@ -86,8 +102,20 @@ class Settings(VLLMShape, BaseSettings):
             raise ValueError(f"must be one of {', '.join(GATE_SCORES)}")
         return v
 
+    @field_validator("fallback_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} is not an http(s) URL (e.g. http://host:8000/v1)")
+        return v.rstrip("/") if v else None
+
     @model_validator(mode="after")
     def _limits(self) -> Settings:
+        if self.gate_action is GateAction.ESCALATE and self.fallback_url is None:
+            raise ValueError(
+                "gate action 'escalate' needs a fallback model: set --fallback-url "
+                "(SOFTSPEC_FALLBACK_URL), or choose --gate-action flag or abstain"
+            )
         if self.max_queue < self.max_concurrency:
             raise ValueError(
                 f"max_queue ({self.max_queue}) is smaller than max_concurrency "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -46,12 +47,15 @@ Factory = Callable[..., tuple[TestClient, FakeVLLM, EnsembleManifest]]
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[Factory]:
-    """Build a gateway: ``gateway(k=3, personalities=[0, 1, 2], **settings)``."""
+    """Build a gateway: ``gateway(k=3, personalities=[0, 1, 2], **settings)``; ``fallback``
+    is the transport of the gate's fallback (set ``fallback_url`` too)."""
     clients: list[TestClient] = []
 
     def build(k: int = 3, personalities: list[int] | None = None, alpha: float = 0.8,
               weights: list[float] | None = None, gate: GateSpec | None = None,
-              max_model_len: int = 256, **settings: object) -> tuple[TestClient, FakeVLLM, EnsembleManifest]:  # fmt: skip
+              max_model_len: int = 256, fallback: httpx.MockTransport | None = None,
+              engine_class: type[VLLMEngine] = VLLMEngine,
+              **settings: object) -> tuple[TestClient, FakeVLLM, EnsembleManifest]:  # fmt: skip
         root = tmp_path / f"ens{len(clients)}"
         manifest = make_manifest(root, k, alpha, weights, gate)
         pers = personalities if personalities is not None else list(range(k))
@@ -62,7 +66,7 @@ def gateway(tmp_path: Path) -> Iterator[Factory]:
         cfg = Settings(ensemble=root, max_model_len=max_model_len, **settings)  # type: ignore[arg-type]
 
         def engine(man: EnsembleManifest, metrics):  # type: ignore[no-untyped-def]
-            return VLLMEngine(
+            return engine_class(
                 "http://vllm",
                 man,
                 metrics=metrics,
@@ -70,7 +74,7 @@ def gateway(tmp_path: Path) -> Iterator[Factory]:
                 max_model_len=max_model_len,
             )
 
-        client = TestClient(create_app(cfg, engine))
+        client = TestClient(create_app(cfg, engine, fallback_transport=fallback))
         client.__enter__()
         clients.append(client)
         return client, fake, manifest

@@ -290,6 +290,7 @@ def test_gate_abstains_above_threshold(gateway) -> None:  # type: ignore[no-unty
         "score": pytest.approx(body["choices"][0]["uncertainty"]["total"]),
         "score_name": "total",
         "threshold": 0.0,
+        "stage": "answer",
     }
     assert body["choices"][0]["message"]["content"] == "No comment."
     assert body["choices"][0]["finish_reason"] == "content_filter"
