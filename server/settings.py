@@ -102,6 +102,11 @@ class Settings(VLLMShape, BaseSettings):
             raise ValueError(f"must be one of {', '.join(GATE_SCORES)}")
         return v
 
+    @field_validator("fallback_url", "fallback_model", "fallback_api_key", mode="before")
+    @classmethod
+    def _unset(cls, v: object) -> object:
+        return None if v == "" else v  # an empty variable (compose pass-through) = unset
+
     @field_validator("fallback_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:

@@ -1117,3 +1117,45 @@ def test_k8s_resources_and_replicas() -> None:
     for name, n in counts.items():
         assert n == deployments[name]["spec"]["replicas"], name
     assert "N vLLM replicas" in (DEPLOY / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------- escalation
+
+
+def test_optional_fallback_service_serves_what_the_gateway_escalates_to(
+    fake_python: tuple[Path, Path],
+) -> None:
+    services = compose()["services"]
+    fallback = services["fallback"]
+    assert fallback["profiles"] == ["fallback"]  # optional: `--profile fallback`
+    assert "softspec-data:/data:ro" in fallback["volumes"]
+    gw_env = services["gateway"]["environment"]
+    for name in ("URL", "MODEL", "API_KEY", "TIMEOUT", "ON_ERROR"):
+        assert f"SOFTSPEC_FALLBACK_{name}" in gw_env  # passed through when set
+    # the URL the comment tells users to set reaches this service's vLLM port
+    text = COMPOSE.read_text()
+    (url,) = set(re.findall(r"SOFTSPEC_FALLBACK_URL=(\S+)", text))
+    parts = urlsplit(url)
+    assert parts.hostname == "fallback" and parts.path == "/v1"
+    assert str(parts.port) in [str(p) for p in fallback["expose"]]
+    # the start-up line runs vLLM's OpenAI server on that port with the configured model
+    bindir, record = fake_python
+    entry = fallback["entrypoint"]
+    assert entry[:2] == ["sh", "-c"]
+    env = clean_env(
+        PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}",
+        VLLM_ARGV_OUT=str(record),
+        FALLBACK_MODEL_PATH="/data/models/big",
+    )
+    out = subprocess.run(
+        ["sh", "-c", compose_unescape(entry[2])], capture_output=True, text=True, env=env,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    argv = record.read_text().splitlines()
+    assert argv[:2] == ["-m", VLLM_MODULE]
+    assert flag(argv, "--model") == "/data/models/big"
+    assert flag(argv, "--port") == str(parts.port)
+    model = fallback["environment"]["FALLBACK_MODEL_PATH"]
+    assert model.endswith(":-/data/models/smollm2-135m-instruct}")
+    assert "MODEL=/data/models/smollm2-135m-instruct" in (DEPLOY / "populate.sh").read_text()

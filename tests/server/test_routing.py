@@ -530,3 +530,27 @@ def test_token_mode_decides_on_the_prompt_before_decoding(gateway) -> None:  # t
     chunks = sse(r.text)
     assert streamed_text(chunks) == FALLBACK_TEXT
     assert chunks[-1]["gate"]["stage"] == "prompt"
+
+
+# ---------------------------------------------------------------------------- example
+
+
+def test_the_example_pipeline_counts_each_route(gateway) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    import openai
+
+    from clients.example_pipeline import PROMPTS, run
+
+    fb = FakeFallback()
+    client, _, _ = escalating(gateway, fb, gate=NEVER)
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
+    prompts = PROMPTS[:3]
+    out = io.StringIO()
+    assert run(sdk, "ens", prompts, max_tokens=4, out=out) == {"pass": 3}
+    assert run(sdk, "ens", prompts, {"threshold": -1.0}, 4, out) == {"escalate": 3}
+    strict = {"threshold": -1.0, "action": "abstain"}
+    assert run(sdk, "ens", prompts, strict, 4, out) == {"abstain": 3}
+    lines = out.getvalue().splitlines()
+    assert lines[3] == "counts: pass 3  flag 0  escalate 0  abstain 0"
+    assert sum(f"→ {FALLBACK_MODEL}" in ln and FALLBACK_TEXT[:20] in ln for ln in lines) == 3
