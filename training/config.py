@@ -21,6 +21,7 @@ from ensemble.scores import COMBINED_COMPONENTS, MIN_CALIBRATION
 __all__ = [
     "ALL_LINEAR",
     "DPOConfig",
+    "MemberMemory",
     "PriorInit",
     "SFTConfig",
     "TrainConfig",
@@ -47,6 +48,14 @@ class PriorInit(StrEnum):
 
     ZERO = "zero"  # peft's default: every member equals the base at step 0
     RANDOM = "random"  # B ~ N(0, σ²) per member, σ set by --prior-kl
+
+
+class MemberMemory(StrEnum):
+    """How the K members' backward pass holds memory (training/objective.py)."""
+
+    COUPLED = "coupled"  # one graph over all K members: K members' activations at once
+    SEQUENTIAL = "sequential"  # no-grad pass for w, then one member's graph at a time
+    AUTO = "auto"  # coupled when the estimate fits in the memory available, else sequential
 
 
 class Weights(StrEnum):
@@ -140,8 +149,16 @@ class TrainConfig:
         "the calibrated gate flags at most this fraction of in-distribution prompts",
         default=0.05,
     )
+    member_memory: MemberMemory = _help(
+        "members' backward pass: 'coupled' (all K graphs at once, fastest), 'sequential' "
+        "(one member's activations at a time, the same gradient) or 'auto' (coupled when "
+        "the activation estimate fits the memory available)",
+        default=MemberMemory.AUTO,
+    )
     gradient_checkpointing: bool = _help(
-        "recompute activations in the backward pass (K× less activation memory)", default=False
+        "recompute each layer's activations in the backward pass (less activation memory, "
+        "about a third more time)",
+        default=False,
     )
     eval_data: str = _help(
         "validation JSONL (same format); evaluated every --eval-steps and at the end",
@@ -168,6 +185,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.weights = Weights(self.weights)
         self.prior_init = PriorInit(self.prior_init)
+        self.member_memory = MemberMemory(self.member_memory)
         checks: list[tuple[bool, str]] = [
             (
                 0.0 <= self.prompt_loss_weight <= 1.0,
@@ -241,6 +259,15 @@ class TrainConfig:
                 f"--max-grad-norm must be >= 0, got {self.max_grad_norm}",
             ),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+            (
+                not (
+                    self.gradient_checkpointing
+                    and self.members > 1
+                    and self.member_memory == MemberMemory.COUPLED
+                ),
+                "--gradient-checkpointing with --member-memory coupled would recompute every "
+                "member's layers with the last member's adapter; use --member-memory sequential",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -269,12 +296,14 @@ class TrainConfig:
         d = asdict(self)
         d["weights"] = str(self.weights)
         d["prior_init"] = str(self.prior_init)
+        d["member_memory"] = str(self.member_memory)
         d["objective"] = self.objective
         return d
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the interrupted one."""
         skip = {"resume", "overwrite", "time_budget", "keep_checkpoints", "max_steps", "epochs"}
+        skip.add("member_memory")  # the same gradient either way: a resume may change it
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def check_paths(self) -> None:

@@ -13,6 +13,7 @@ without gradient once per example and cached.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ __all__ = [
     "init_from_sft",
     "margins_from",
     "prepare_dpo",
-    "reference_logp",
+    "reference_for",
     "split_pairs",
 ]
 
@@ -128,12 +129,19 @@ class ReferenceCache:
         return ref
 
 
-def reference_logp(trainer: Any, ens: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(K, 2B) reference log-likelihoods, through the trainer's cache when it has one."""
-    cache: ReferenceCache | None = getattr(trainer, "reference_cache", None)
-    if cache is None:
-        return _reference(ens, inputs)
-    return cache.reference(ens, inputs, ens.training)
+def reference_for(
+    ens: Any,
+    inputs: dict[str, torch.Tensor],
+    cache: ReferenceCache | None,
+    members: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """(k, 2B) reference log-likelihoods of ``members`` (all by default), through ``cache``."""
+    ref = (
+        cache.reference(ens, inputs, ens.training) if cache is not None else _reference(ens, inputs)
+    )
+    if members is not None:
+        ref = ref[[ens.members.index(m) for m in members]]
+    return ref
 
 
 def margins_from(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
@@ -143,8 +151,10 @@ def margins_from(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.
 
 
 def dpo_margins(trainer: Any, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(K, B) DPO margins h_k of a batch of B pairs (``inputs`` holds 2B sequences)."""
+    """(K, B) DPO margins h_k of a batch of B pairs (``inputs`` holds 2B sequences); the
+    reference goes through ``trainer.reference_cache`` when it has one."""
     ens = trainer.accelerator.unwrap_model(model)
     batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
     policy = model(**batch).logp  # (K, 2B), with gradient
-    return margins_from(policy, reference_logp(trainer, ens, inputs), trainer.config.beta)
+    ref = reference_for(ens, inputs, getattr(trainer, "reference_cache", None))
+    return margins_from(policy, ref, trainer.config.beta)

@@ -19,7 +19,7 @@ Served adapters stay plain peft adapters: only the values of A and B differ.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -104,11 +104,14 @@ def snapshot(ens: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in ens.peft.named_parameters() if "lora_" in n}
 
 
-def anchor_penalty(ens: Any, anchors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Σ over LoRA tensors of ‖θ − θ⁰‖² (all members), with gradient 2(θ − θ⁰)."""
+def anchor_penalty(
+    ens: Any, anchors: Mapping[str, torch.Tensor], members: Sequence[str] | None = None
+) -> torch.Tensor:
+    """Σ over LoRA tensors of ‖θ − θ⁰‖² (all members, or ``members``), gradient 2(θ − θ⁰)."""
     total = torch.zeros((), dtype=torch.float32)
+    marks = None if members is None else [f".{m}." for m in members]
     for n, p in ens.peft.named_parameters():
-        if n in anchors:
+        if n in anchors and (marks is None or any(mark in n for mark in marks)):
             total = total + ((p - anchors[n].to(p.device)) ** 2).sum().to(total.device)
     return total
 

@@ -35,14 +35,16 @@ from training.config import DPOConfig, PriorInit, TrainConfig
 from training.data import load_dpo, load_sft
 from training.datasets import ExampleDataset, PairDataset, collate
 from training.export import LOG_FILE, export_ensemble
+from training.memory import GIB, activation_bytes, available_bytes, choose_member_memory
 from training.model import EnsembleLM, build_ensemble, load_model, load_tokenizer
 from training.prior import calibration_batch, init_prior
 from training.routing import routing_summary, score_examples
-from training.trainer import DPOTrainerMixin, EnsembleTrainer, last_complete_checkpoint
+from training.trainer import EnsembleTrainer, last_complete_checkpoint
 
 __all__ = ["TrainResult", "train_ensemble"]
 
 CONFIG_FILE = "run_config.json"
+MEMBER_MEMORY_FILE = "member_memory.json"  # the --member-memory of each (re)start of a run
 PRIOR_BATCH = 8  # training examples the prior's KL from the base is measured on
 
 
@@ -52,10 +54,6 @@ class TrainResult:
     steps: int
     seconds: float
     routing: dict[str, Any]
-
-
-class DPOEnsembleTrainer(DPOTrainerMixin, EnsembleTrainer):
-    """EnsembleTrainer with the DPO preference likelihood (see training/dpo.py)."""
 
 
 def _datasets(
@@ -186,15 +184,18 @@ def train_ensemble(cfg: TrainConfig) -> TrainResult:
     state.wait_for_everyone()
     checkpoint = last_complete_checkpoint(cfg.run_dir) if cfg.resume else None
 
+    member_memory = _member_memory(cfg, ens, train_ds, args.device, state.is_main_process)
+    if state.is_main_process:
+        member_memory["segments"] = _record_segment(cfg.run_dir, checkpoint, member_memory)
     collate_fn = functools.partial(collate, pad_id=tokenizer.pad_token_id)
-    trainer_cls = DPOEnsembleTrainer if isinstance(cfg, DPOConfig) else EnsembleTrainer
-    trainer = trainer_cls(
+    trainer = EnsembleTrainer(
         model=ens,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=collate_fn,
         config=cfg,
+        member_memory=member_memory["used"],
         callbacks=[JsonlLogCallback(cfg.run_dir / LOG_FILE), TimeBudgetCallback(cfg.time_budget)],
     )
     trainer.remove_callback(ProgressCallback)  # replaced by one that shows loss on the bar
@@ -215,6 +216,7 @@ def train_ensemble(cfg: TrainConfig) -> TrainResult:
     if trainer.is_world_process_zero():
         training = _summary(cfg, trainer, ens, train_ds, groups, collate_fn, result, t0)
         training["prior"] = prior
+        training["member_memory"] = member_memory
         if eval_loss is not None:
             training["eval_loss"] = round(float(eval_loss), 6)
         export_ensemble(ens, cfg, str(Path(cfg.base).resolve()), cfg.run_dir, training)
@@ -224,6 +226,54 @@ def train_ensemble(cfg: TrainConfig) -> TrainResult:
             shutil.rmtree(cfg.run_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return TrainResult(Path(cfg.out), steps, time.monotonic() - t0, training.get("routing", {}))
+
+
+def _member_memory(
+    cfg: TrainConfig, ens: EnsembleLM, train_ds: Any, device: Any, main: bool
+) -> dict[str, Any]:
+    """Resolve ``--member-memory`` from the activation estimate; warn when it will not fit."""
+    if isinstance(cfg, DPOConfig):
+        longest = max(
+            max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in train_ds.pairs
+        )
+        sequences = 2 * cfg.batch_size  # chosen and rejected
+    else:
+        longest = max(len(e.input_ids) for e in train_ds.examples)
+        sequences = cfg.batch_size
+    dtype_bytes = next(ens.parameters()).element_size()
+    per_member = activation_bytes(
+        ens.causal_lm.config,
+        sequences * longest,
+        lora_dropout=cfg.lora_dropout,
+        checkpointing=cfg.gradient_checkpointing,
+        dtype_bytes=dtype_bytes,
+    )
+    available = available_bytes(device)
+    used, warning = choose_member_memory(
+        str(cfg.member_memory), cfg.members, per_member, available, cfg.gradient_checkpointing
+    )
+    if warning and main:
+        print(f"softspec train: warning: {warning}", file=sys.stderr)
+    return {
+        "requested": str(cfg.member_memory),
+        "used": used,
+        "activation_estimate_gib": {
+            "per_member": round(per_member / GIB, 3),
+            "coupled": round(cfg.members * per_member / GIB, 3),
+        },
+        "available_gib": round(available / GIB, 2),
+    }
+
+
+def _record_segment(run_dir: Path, checkpoint: Path | None, mode: dict[str, Any]) -> list[Any]:
+    """Append this (re)start's mode to the run's history; a resume may change the mode."""
+    path = run_dir / MEMBER_MEMORY_FILE
+    segments = json.loads(path.read_text()) if checkpoint is not None and path.is_file() else []
+    step = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else 0
+    segments = [s for s in segments if s["from_step"] < step]  # steps redone after a crash
+    segments.append({"from_step": step, "used": mode["used"], "requested": mode["requested"]})
+    atomic_write_json(path, segments)
+    return segments
 
 
 def _calibration_split(cfg: TrainConfig) -> tuple[list[list[dict[str, str]]], frozenset[int]]:

@@ -2,8 +2,10 @@
 
 It overrides only what it must:
 
-* ``compute_loss`` — K member log-likelihoods from :class:`~training.model.EnsembleLM`,
-  the objective from :mod:`training.loss`, routing statistics, learned mixture weights;
+* ``compute_loss`` — the coupled step: K member log-likelihoods (SFT or DPO) and ℓ_α from
+  :class:`~training.objective.EnsembleObjective`, routing statistics, learned π;
+* ``training_step`` — with ``--member-memory sequential``: a no-grad pass for the
+  responsibilities, then one member's forward + backward at a time (same gradient);
 * ``prediction_step`` — evaluation loss (ℓ_α on the validation data);
 * ``log`` — adds routing entropy, per-member responsibility and π to every log line;
 * ``_save`` / ``_load_from_checkpoint`` — checkpoints hold the K adapters and π only
@@ -26,15 +28,13 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from ensemble.math import update_mixture_weights
-from training.config import TrainConfig, Weights
+from training.config import MemberMemory, TrainConfig, Weights
 from training.datasets import ExampleDataset, PairDataset, collate  # re-exported for bench/
-from training.dpo import ReferenceCache, dpo_margins
-from training.loss import preference_logprob, renyi_objective
-from training.prior import anchor_penalty, snapshot
+from training.loss import RenyiOutput
+from training.objective import EnsembleObjective
 
 __all__ = [
     "STATE_FILE",
-    "DPOTrainerMixin",
     "EnsembleTrainer",
     "ExampleDataset",
     "PairDataset",
@@ -49,6 +49,19 @@ LR_EMA = 0.1  # weight of the newest batch in the running α=1 responsibilities 
 # ----------------------------------------------------------------------- the trainer
 
 
+def _all_reduce_grads(ens: Any) -> None:
+    """Average the trainable gradients over processes (member-sequential DDP steps)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for p in ens.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+
+
 def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         t = t.clone()
@@ -58,21 +71,29 @@ def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 class EnsembleTrainer(Trainer):
-    """Trainer for the α-Rényi SFT objective; see the module docstring."""
+    """Trainer for the α-Rényi objective (SFT or DPO); see the module docstring."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+    objective: EnsembleObjective
 
-    def __init__(self, *args: Any, config: TrainConfig, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, config: TrainConfig, member_memory: str = "coupled", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.config = config
+        self.member_memory = MemberMemory(member_memory)  # resolved: coupled or sequential
+        if self.member_memory == MemberMemory.AUTO:
+            raise ValueError("resolve --member-memory auto before building the trainer")
         k = config.members
         self._resp_sum = torch.zeros(k, dtype=torch.float64)
         self._entropy_sum = torch.zeros((), dtype=torch.float64)
         self._seen = torch.zeros((), dtype=torch.float64)
         self._loss_sum = torch.zeros((), dtype=torch.float64)
-        # anchored members: each member's LoRA tensors as drawn (re-drawn identically from
-        # the seed on --resume, before the checkpoint is loaded)
-        self.anchors = snapshot(self.model) if config.anchor else {}
+        self.objective = EnsembleObjective(config, self.model)
+
+    @property
+    def reference_cache(self) -> Any:
+        return self.objective.reference_cache
 
     # -- the objective -------------------------------------------------------------
 
@@ -80,15 +101,7 @@ class EnsembleTrainer(Trainer):
         self, model: Any, inputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(K, B) log-likelihoods the objective mixes, and those used for routing (or None)."""
-        scores = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            labels=inputs["labels"],
-            prompt_weight=self.config.prompt_loss_weight,
-        )
-        if self.config.normalize_by_length:
-            return scores.logp, scores.logp / scores.n_tokens.clamp(min=1).to(scores.logp.dtype)
-        return scores.logp, None
+        return self.objective.member_logp(model, self.accelerator.unwrap_model(model), inputs)
 
     def compute_loss(
         self,
@@ -97,17 +110,48 @@ class EnsembleTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        """The coupled step (and evaluation): all K members in one graph."""
         ens = self.accelerator.unwrap_model(model)
-        logp, routing = self.member_logp(model, inputs)
-        out = renyi_objective(logp, self.config.alpha, ens.log_weights, routing)
+        out, logp, routing = self.objective.coupled(model, ens, inputs)
         loss = out.loss
         if model.training:
-            self._track(out.resp, out.per_example)
-            if self.config.weights == Weights.LEARNED:
-                self._update_weights(ens, (logp if routing is None else routing).detach())
-            if self.anchors:
-                loss = loss + self.config.anchor * anchor_penalty(ens, self.anchors)
+            self._after_responsibilities(ens, out, logp, routing)
+            anchor = self.objective.anchor_term(ens)
+            if anchor is not None:
+                loss = loss + anchor
         return (loss, out) if return_outputs else loss
+
+    def training_step(
+        self,
+        model: Any,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor:
+        if self.member_memory != MemberMemory.SEQUENTIAL:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # member-sequential: a no-grad pass for w, then one member's graph at a time
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        ens = self.accelerator.unwrap_model(model)
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        with self.compute_loss_context_manager():
+            resp = self.objective.responsibilities(ens, inputs)
+            self._after_responsibilities(ens, resp.out, resp.logp, resp.routing)
+            penalty = self.objective.member_backward(
+                ens, inputs, resp, lambda loss: self.accelerator.backward(loss * scale)
+            )
+        if self.accelerator.sync_gradients:
+            _all_reduce_grads(ens)  # the wrapper's forward was not used: sync here
+        value = resp.out.per_example.mean() + penalty.to(resp.out.loss.dtype)
+        return (value * scale).detach()
+
+    def _after_responsibilities(
+        self, ens: Any, out: RenyiOutput, logp: torch.Tensor, routing: torch.Tensor | None
+    ) -> None:
+        """Routing statistics; the EM step of learned π (after w was computed with the old π)."""
+        self._track(out.resp, out.per_example)
+        if self.config.weights == Weights.LEARNED:
+            self._update_weights(ens, (logp if routing is None else routing).detach())
 
     def _track(self, resp: torch.Tensor, per_example: torch.Tensor) -> None:
         r = resp.double().cpu()
@@ -183,29 +227,6 @@ class EnsembleTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         ens = self.accelerator.unwrap_model(model or self.model)
         ens.load_trainable_state_dict(load_file(os.path.join(resume_from_checkpoint, STATE_FILE)))
-
-
-class DPOTrainerMixin:
-    """Swaps the SFT log-likelihood for the DPO preference log-likelihood log σ(h_k).
-
-        h_k = β[(log p_k(y_w) − log p_ref(y_w)) − (log p_k(y_l) − log p_ref(y_l))]
-
-    The reference is the base with adapters disabled, or (``--init-from``) member k's own
-    frozen SFT adapter; its log-likelihoods need no gradient and never change, so the
-    trainer's :class:`~training.dpo.ReferenceCache` keeps them per example.
-    """
-
-    config: Any
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.reference_cache = ReferenceCache()
-
-    def member_logp(
-        self, model: Any, inputs: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        margins = dpo_margins(self, model, inputs)
-        return preference_logprob(margins), None
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:

@@ -173,10 +173,14 @@ def test_dpo_rows_are_validated(tiny_llama_dir: Path, tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize("mode", ["coupled", "sequential"])
 def test_accelerate_two_processes_match_one(
-    tiny_llama_dir: Path, two_cluster_data: Path, tmp_path: Path
+    tiny_llama_dir: Path, two_cluster_data: Path, tmp_path: Path, mode: str
 ) -> None:
     """`accelerate launch` data-parallel (2 CPU processes, gloo) = one process, same global batch.
+
+    ``sequential`` runs the members' backward passes outside the DDP wrapper and averages
+    the gradients itself; it must match the one-process coupled run too.
 
     On CPU, accelerate's MULTI_CPU mode needs mpirun; `--multi_gpu` starts torch.distributed
     workers and the Trainer picks gloo for CPU tensors. Tolerance 1e-5 (float32 reduction order).
@@ -192,13 +196,23 @@ def test_accelerate_two_processes_match_one(
         *("-m", "softspec.cli", "train", "sft"),
     ]
     dist = subprocess.run(
-        [*launcher, *common, "--out", str(tmp_path / "dp"), "--batch-size", "2"],
+        [
+            *launcher,
+            *common,
+            "--out",
+            str(tmp_path / "dp"),
+            "--batch-size",
+            "2",
+            "--member-memory",
+            mode,
+        ],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert dist.returncode == 0, dist.stderr[-3000:]
-    assert main(["train", "sft", *common, "--out", str(tmp_path / "sp"), "--batch-size", "4"]) == 0
+    assert main(["train", "sft", *common, "--out", str(tmp_path / "sp"), "--batch-size", "4",
+                 "--member-memory", "coupled"]) == 0  # fmt: skip
     for m in ("m0", "m1"):
         a = load_file(tmp_path / "dp" / "adapters" / m / "adapter_model.safetensors")
         b = load_file(tmp_path / "sp" / "adapters" / m / "adapter_model.safetensors")
