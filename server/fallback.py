@@ -185,6 +185,7 @@ class FallbackStream:
         self._t0 = t0
         self.finish_reason = "stop"
         self.usage: dict[str, Any] | None = None
+        self._closed = False
 
     async def pieces(self) -> AsyncIterator[str]:
         try:
@@ -220,7 +221,8 @@ class FallbackStream:
             await self.aclose()
 
     async def aclose(self) -> None:
-        if not self._response.is_closed:
+        if not self._closed:  # once: the latency is observed when the stream ends
+            self._closed = True
             await self._response.aclose()
             self._owner._observe(time.perf_counter() - self._t0)
 

@@ -277,7 +277,10 @@ class EnsembleService:
         uncertainty: dict[str, Any] = dict.fromkeys(ANSWER_SCORES)
         uncertainty[Score.PROMPT_NOVELTY.value] = pn
         self._with_combined(uncertainty)
-        gate = self.gate_for(job).decide(uncertainty, stage="prompt")
+        policy = self.gate_for(job)
+        if any(uncertainty.get(p.score_name) is None for p in policy.policies):
+            return None  # a score it needs is missing (not finite): decide on the answer
+        gate = policy.decide(uncertainty, stage="prompt")
         if gate.decision == "pass":
             return None
         self._observe(uncertainty, gate)

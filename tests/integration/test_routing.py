@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +138,18 @@ def test_an_unreachable_fallback(
         assert 'softspec_escalations_total{outcome="error"} 1.0' in httpx.get(f"{url}/metrics").text
     finally:
         stop(proc)
+
+
+def test_the_example_pipeline_against_the_real_gateway(always: str, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is AI?\nWhat is 37 times 48?\n")
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[2] / "clients" / "example_pipeline.py"),
+         "--base-url", f"{always}/v1",
+         "--prompts", str(prompts), "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "counts: pass 0  flag 0  escalate 2  abstain 0"
+    assert all("escalate →" in ln for ln in lines[:2])

@@ -216,6 +216,8 @@ def test_streamed_escalation_relays_the_fallback_after_the_decision(gateway, kin
     final = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert len(final) == 1 and final[0]["gate"]["routed_to"] == FALLBACK_MODEL
     assert final[0]["gate"]["decision"] == "escalate"
+    assert metric(client, "softspec_fallback_seconds_count") == 2  # each call observed once
+    assert metric(client, "softspec_escalations_total", outcome="ok") == 2
     if kind == "chat":
         assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
         assert final[0]["choices"][0]["uncertainty"] == own["choices"][0]["uncertainty"]
