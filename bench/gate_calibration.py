@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ensemble.calibration import combined_score, fit_conformal_gate
 from ensemble.jsonl import read_jsonl
+from ensemble.metrics import auroc
 from ensemble.scores import COMBINED_COMPONENTS
 
 
@@ -124,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             "guarantee": cal.guarantee,
             "held_out_in_flag_rate": flag_rate(cal, thr, t_rows),
             "ood_flag_rate": ood_rates(cal, thr),
+            "ood_auroc_combined": auroc(
+                [combined_score(cal, r) or 0.0 for r in rows],
+                [bool(r.get("ood")) for r in rows],
+            ),
         }
     print(json.dumps(res, indent=1))
     if args.out:
