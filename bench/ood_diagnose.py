@@ -198,8 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         records.append(rec)
         print(".", end="", flush=True, file=sys.stderr)
     print(file=sys.stderr)
+    if args.out:  # first: the records are the expensive part
+        args.out.with_suffix(".records.json").write_text(json.dumps(records))
     ood = [r["ood"] for r in records]
     res: dict[str, Any] = {"n": len(records), "n_ood": sum(ood), "per_member": {}, "auroc": {}}
+    res["log_weights"] = np.asarray(lw).tolist()
+    if not 0 < sum(ood) < len(ood):  # one class only (e.g. calibration prompts): no AUROC
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        return 0
     for name in ("all", "user"):
         for key in (f"kl_base_{name}", f"llr_members_{name}"):
             arr = np.array([r[key] for r in records])  # (N, K)
@@ -231,10 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         by_task.setdefault(_kind(r), []).append(-r["llr_all"])
     res["neg_llr_all_by_kind"] = {k: round(float(np.mean(v)), 4) for k, v in by_task.items()}
-    res["log_weights"] = np.asarray(lw).tolist()
     res["prompt_scores"] = prompt_score_table(records, lw)
-    if args.out:
-        args.out.with_suffix(".records.json").write_text(json.dumps(records))
     text = json.dumps(res, indent=1)
     if args.out:
         args.out.write_text(text)
