@@ -1,24 +1,34 @@
-"""Benchmark: one K=4 α-Rényi training step vs four single-adapter LoRA steps (same batch).
+"""Benchmark: time and peak memory of one α-Rényi training step, by member-memory mode.
 
-Targets (docs/benchmarks.md): time ratio ≤ 1.15, peak-memory ratio ≤ 1.3 (one base model, never
-K copies). Run on the real default model (SmolLM2-135M-Instruct) with a real batch of the
-default SFT data:
+For SFT and DPO and K members, each mode against single-adapter training (K = 1) of the
+same batch on the real default model (SmolLM2-135M-Instruct, LoRA r=8 all-linear):
 
-    python bench/train_step.py [--batch-size 8] [--max-length 128] [--repeats 5]
+* ``coupled``: all K members in one graph (``--member-memory coupled``);
+* ``sequential``: a no-grad pass for the responsibilities, then one member's forward +
+  backward at a time (``--member-memory sequential``);
+* ``checkpointed``: sequential with ``--gradient-checkpointing`` (a coupled graph cannot
+  be checkpointed correctly for K > 1: training refuses it).
 
-Time: both configurations run in this process, alternating, median of ``--repeats`` after
-a warm-up; the baseline is a K=1 ensemble (the same code path: one peft adapter, AdamW)
-stepped four times. Memory: CPU peak RSS cannot be reset inside a process, so each
-configuration is measured in a fresh child process (``--child``) as peak RSS; on CUDA the
-allocator's peak is used instead. Both are reported with and without gradient
-checkpointing; the ratios are printed last.
+    OMP_NUM_THREADS=1 python bench/train_step.py [--objectives sft dpo] [--members 2 4 8]
+        [--modes coupled sequential checkpointed] [--steps 2]
+
+Every configuration runs in its own child process, so peaks do not mix. Each child builds
+the ensemble, runs one warm-up step under :class:`training.memory.TensorMemory` (the peak
+of live tensor bytes beyond the weights and the batch: activations, logits, gradients,
+optimizer state), then times ``--steps`` steps (median). Peak RSS (VmHWM, the whole child
+process: Python, torch, the weights, allocator caching) is reported too; on CUDA the
+allocator's peak replaces it. A configuration whose estimated activations exceed the
+memory available is skipped (``training.memory.activation_bytes``), not run into swap.
+
+Targets (issue 18): sequential K = 4 peak ≤ 1.3× single-adapter and step ≤ 1.4× four
+single-adapter steps; K = 8 peak ≤ 1.3×; DPO K = 4, 4 pairs, max length 192: peak ≤ 1.5×
+single-member DPO.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,142 +38,198 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+MODES = ("coupled", "sequential", "checkpointed")
 
-def make_batch(tokenizer: Any, batch_size: int, max_length: int) -> dict[str, Any]:
+
+def make_batch(tokenizer: Any, objective: str, batch_size: int, max_length: int) -> Any:
+    """The ``batch_size`` longest examples (pairs for DPO) of the default data: a full batch."""
     from softspec.default_data import build_datasets
     from softspec.paths import default_data_dir
-    from training.data import load_sft
-    from training.trainer import collate
+    from training.data import load_dpo, load_sft
+    from training.datasets import ExampleDataset, PairDataset, collate
 
     build_datasets()
-    examples = load_sft(
-        default_data_dir() / "sft_topics_train.jsonl", tokenizer, max_length, drop_overlong=True
-    )
-    examples = sorted(examples, key=lambda e: -len(e.input_ids))[:batch_size]  # a full batch
-    rows = [
-        {"input_ids": e.input_ids, "labels": e.labels, "idx": i} for i, e in enumerate(examples)
-    ]
-    batch = collate(rows, tokenizer.pad_token_id)
-    batch.pop("idx")
-    return batch
+    data = default_data_dir()
+    ds: Any
+    if objective == "dpo":
+        pairs = load_dpo(data / "dpo_chitchat_train.jsonl", tokenizer, max_length, True)
+        pairs = sorted(pairs, key=lambda p: -len(p.chosen.input_ids) - len(p.rejected.input_ids))
+        ds = PairDataset(pairs[:batch_size])
+    else:
+        examples = load_sft(data / "sft_topics_train.jsonl", tokenizer, max_length, True)
+        ds = ExampleDataset(sorted(examples, key=lambda e: -len(e.input_ids))[:batch_size])
+    return collate([ds[i] for i in range(len(ds))], tokenizer.pad_token_id)
 
 
-def setup(
-    members: int, checkpointing: bool, batch_size: int, max_length: int
-) -> tuple[Any, Any, Any]:
-    import torch
-
-    from softspec.default_model import export_default_model
-    from training.config import SFTConfig
-    from training.model import build_ensemble, load_base
-
-    base = export_default_model()
-    model, tok = load_base(base)
-    cfg = SFTConfig(
-        data="unused", out="unused", members=members, alpha=1.0, lora_dropout=0.0,
-        gradient_checkpointing=checkpointing,
-    )  # fmt: skip
-    ens = build_ensemble(model, cfg)
-    ens.train()
-    opt = torch.optim.AdamW([p for p in ens.parameters() if p.requires_grad], lr=1e-4)
-    return ens, opt, make_batch(tok, batch_size, max_length)
-
-
-def step(ens: Any, opt: Any, batch: dict[str, Any]) -> None:
-    from training.loss import renyi_objective
-
-    scores = ens(**batch)
-    renyi_objective(scores.logp, 1.0, ens.log_weights).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def _hwm_mib() -> float:
-    """Peak RSS of this process image (VmHWM; unlike ru_maxrss it is reset by exec, so the
-    parent's memory at fork time does not leak into the child's number)."""
+def _rss_peak_mib() -> float:
+    """Peak RSS of this process image (VmHWM; reset by exec, so a child starts clean)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return 0.0
 
 
-def child(members: int, checkpointing: bool, batch_size: int, max_length: int, steps: int) -> None:
-    """Measure one configuration's peak memory in this fresh process; print JSON."""
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in this fresh process: build, warm-up (metered), timed steps."""
     import torch
 
-    ens, opt, batch = setup(members, checkpointing, batch_size, max_length)
-    rss_loaded = _hwm_mib() * 1024
+    from softspec.default_model import export_default_model
+    from training.config import DPOConfig, SFTConfig
+    from training.memory import TensorMemory, limit_allocator_caching
+    from training.model import build_ensemble, load_base
+    from training.objective import EnsembleObjective, sequential_step
+
+    limit_allocator_caching()  # as training does
+    members, mode, objective = spec["members"], spec["mode"], spec["objective"]
+    model, tok = load_base(export_default_model())
+    config_cls = DPOConfig if objective == "dpo" else SFTConfig
+    cfg = config_cls(
+        data="unused", out="unused", members=members, alpha=1.0, lora_dropout=0.05,
+        gradient_checkpointing=mode == "checkpointed",
+        member_memory="coupled" if mode == "coupled" else "sequential",
+    )  # fmt: skip
+    ens = build_ensemble(model, cfg)
+    ens.train()
+    batch = make_batch(tok, objective, spec["batch_size"], spec["max_length"])
     cuda = torch.cuda.is_available()
     if cuda:
         ens.cuda()
         batch = {k: v.cuda() for k, v in batch.items()}
+    obj = EnsembleObjective(cfg, ens)
+    opt = torch.optim.AdamW([p for p in ens.parameters() if p.requires_grad], lr=1e-4)
+    loaded = _rss_peak_mib()
+
+    def step() -> None:
+        if mode == "coupled":
+            obj.coupled(ens, ens, batch)[0].loss.backward()
+        else:
+            sequential_step(obj, ens, batch)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with torch.no_grad():  # DPO: the reference log-likelihoods, cached as in training
+        obj.member_logp(ens, ens, batch)
+    meter = TensorMemory().ignore(ens, batch)
+    with meter:
+        step()  # warm-up, metered: the optimizer state is created in it
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(steps):
-        step(ens, opt, batch)
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if cuda
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {
+        **spec,
+        "step_s": statistics.median(times),
+        "tensor_peak_mib": meter.peak / 2**20,
+        "rss_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_peak_mib(),
+        "loaded_mib": loaded,
+        "tokens": int(batch["input_ids"].numel()),
+    }
+
+
+def estimate_fits(spec: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the configuration's estimated activations fit in the memory available."""
+    from transformers import AutoConfig
+
+    from softspec.default_model import export_default_model
+    from training.memory import FIT_FRACTION, GIB, activation_bytes, available_bytes
+
+    cfg = AutoConfig.from_pretrained(export_default_model())
+    seqs = spec["batch_size"] * (2 if spec["objective"] == "dpo" else 1)
+    per = activation_bytes(cfg, seqs * spec["max_length"], lora_dropout=0.05,
+                           checkpointing=spec["mode"] == "checkpointed")  # fmt: skip
+    need = per * (spec["members"] if spec["mode"] == "coupled" else 1)
+    have = available_bytes("cuda" if _cuda() else "cpu")
+    return (
+        need <= FIT_FRACTION * have,
+        f"≈{need / GIB:.1f} GiB activations, {have / GIB:.1f} available",
     )
-    print(json.dumps({"members": members, "peak_mib": peak, "loaded_mib": rss_loaded / 1024}))
 
 
-def memory(members: int, checkpointing: bool, args: argparse.Namespace) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", str(members)]
-    cmd += ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-    cmd += ["--checkpointing"] if checkpointing else []
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
-def timing(checkpointing: bool, args: argparse.Namespace) -> tuple[float, float]:
-    """Median seconds of (one K=4 step, four K=1 steps), alternating, after a warm-up."""
-    ens4, opt4, batch = setup(4, checkpointing, args.batch_size, args.max_length)
-    ens1, opt1, _ = setup(1, checkpointing, args.batch_size, args.max_length)
-    step(ens4, opt4, batch)
-    step(ens1, opt1, batch)
-    t4, t1 = [], []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step(ens4, opt4, batch)
-        t4.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(4):
-            step(ens1, opt1, batch)
-        t1.append(time.perf_counter() - t0)
-    return statistics.median(t4), statistics.median(t1)
+def run_child(spec: dict[str, Any]) -> dict[str, Any] | None:
+    ok, why = estimate_fits(spec)
+    if not ok:
+        print(f"skipped {spec}: {why}", flush=True)
+        return None
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        print(f"failed {spec}: {out.stderr[-2000:]}", flush=True)
+        return None
+    row: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--objectives", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    p.add_argument("--members", nargs="+", type=int, default=[2, 4, 8])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--batch-size", type=int, default=4, help="examples (DPO: pairs) per step")
+    p.add_argument("--max-length", type=int, default=128, help="SFT tokens per example")
+    p.add_argument("--dpo-max-length", type=int, default=192)
+    p.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.checkpointing, args.batch_size, args.max_length, steps=2)
+        print(json.dumps(child(json.loads(args.child))))
         return
-    rows = []
-    for ckpt in (False, True):
-        m4, m1 = memory(4, ckpt, args), memory(1, ckpt, args)  # children first: a small parent
-        t4, t1 = timing(ckpt, args)
-        rows.append((ckpt, t4, t1, m4["peak_mib"], m1["peak_mib"], m1["loaded_mib"]))
-        print(
-            f"gradient checkpointing={'on ' if ckpt else 'off'}: "
-            f"K=4 step {t4:.3f}s, 4×K=1 steps {t1:.3f}s; "
-            f"peak memory K=4 {m4['peak_mib']:.0f} MiB, K=1 {m1['peak_mib']:.0f} MiB "
-            f"(model loaded: {m1['loaded_mib']:.0f} MiB)",
-            flush=True,
-        )
-    print(f"batch {args.batch_size} × ≤{args.max_length} tokens, SmolLM2-135M, LoRA r=8 all-linear")
-    for ckpt, t4, t1, p4, p1, _ in rows:
-        tag = "with checkpointing" if ckpt else "no checkpointing  "
-        print(f"{tag}: time ratio (K=4 step / 4 single steps) = {t4 / t1:.2f} (target ≤ 1.15); "
-              f"peak memory ratio (K=4 / K=1) = {p4 / p1:.2f} (target ≤ 1.3)")  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for objective in args.objectives:
+        length = args.dpo_max_length if objective == "dpo" else args.max_length
+        common = {"objective": objective, "batch_size": args.batch_size, "max_length": length,
+                  "steps": args.steps}  # fmt: skip
+        base = [{**common, "members": 1, "mode": "coupled"}]
+        if "checkpointed" in args.modes:
+            base.append({**common, "members": 1, "mode": "checkpointed"})
+        todo = base + [
+            {**common, "members": k, "mode": m} for k in args.members for m in args.modes
+        ]
+        rows += [r for r in (run_child(s) for s in todo) if r is not None]
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+    print_table(rows)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Ratios against the single adapter (K = 1, no checkpointing) of the same objective."""
+    print()
+    print("| objective | K | mode | step s | time ratio (K-step / K single steps) "
+          "| tensor peak MiB | ratio | peak RSS MiB | ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for objective in ("sft", "dpo"):
+        single = next(
+            (r for r in rows if r["objective"] == objective and r["members"] == 1
+             and r["mode"] == "coupled"), None,
+        )  # fmt: skip
+        if single is None:
+            continue
+        for r in (r for r in rows if r["objective"] == objective):
+            k = r["members"]
+            mode = "single adapter" if k == 1 and r["mode"] == "coupled" else r["mode"]
+            print(
+                f"| {objective} | {k} | {mode} | {r['step_s']:.2f} "
+                f"| {r['step_s'] / (k * single['step_s']):.2f} "
+                f"| {r['tensor_peak_mib']:.0f} | {r['tensor_peak_mib'] / single['tensor_peak_mib']:.2f} "
+                f"| {r['rss_peak_mib']:.0f} | {r['rss_peak_mib'] / single['rss_peak_mib']:.2f} |"
+            )
+    print("\ntokens per step: " + ", ".join(
+        sorted({f"{r['objective']} {r['tokens']}" for r in rows})))  # fmt: skip
 
 
 if __name__ == "__main__":

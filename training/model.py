@@ -120,7 +120,9 @@ def build_ensemble(model: nn.Module, cfg: TrainConfig) -> EnsembleLM:
     return EnsembleLM(peft_model, names, torch.full((k,), -float(torch.log(torch.tensor(k)))))
 
 
-LOGIT_CHUNK = 1024  # positions per lm_head chunk: bounds the (chunk, vocab) logits in memory
+# positions per lm_head chunk: bounds the (chunk, vocab) float32 buffers of the backward
+# pass (logits, log-softmax, its gradient: 3 × 256 × 49k × 4 B ≈ 150 MB for SmolLM2)
+LOGIT_CHUNK = 256
 
 
 def _chunk_logprobs(h: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:

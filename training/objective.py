@@ -11,7 +11,9 @@ Two ways to compute it (``--member-memory``):
   surrogate −Σ_k w_k log p_k. All K members' activations are alive at once.
 * **sequential**: a no-grad pass gives every member's log p_k (for DPO, log σ(h_k)), hence w;
   then member k alone runs forward + backward of −w_k log p_k (plus its anchor term), and its
-  activations are freed before member k+1 starts. Peak activation memory is one member's.
+  activations are freed before member k+1 starts. Peak activation memory is one member's;
+  the cost is K − 1 extra forward passes without gradient (the last member's pass keeps its
+  graph and is back-propagated first).
   The random state (LoRA dropout) before each member's no-grad forward is restored for its
   gradient forward, so both modes see the same dropout masks and give the same gradient.
 
@@ -56,6 +58,7 @@ class Responsibilities:
     routing: torch.Tensor | None  # (K, B) those used for w when they differ (per token)
     rng: list[tuple[torch.Tensor, torch.Tensor | None]]  # random state before each member
     rng_after: tuple[torch.Tensor, torch.Tensor | None]
+    last: torch.Tensor | None  # (1, B) the last member's log p, with its graph (see below)
 
 
 class EnsembleObjective:
@@ -113,20 +116,29 @@ class EnsembleObjective:
     # -- member-sequential -----------------------------------------------------------
 
     def responsibilities(self, ens: Any, inputs: dict[str, torch.Tensor]) -> Responsibilities:
-        """The no-grad pass: every member's log p_k, one member at a time, hence w."""
+        """Every member's log p_k, one member at a time, hence w.
+
+        Members 0..K−2 run without gradient; the last member runs with it and keeps its
+        graph (the only graph alive), so :meth:`member_backward` starts with it and runs
+        K − 1 more forward passes, not K: the no-grad pass costs K − 1 forwards.
+        """
         device = inputs["input_ids"].device
         rng, rows, routes = [], [], []
-        with torch.no_grad():
-            for name in ens.members:
-                rng.append(_rng_state(device))
+        last = None
+        for k, name in enumerate(ens.members):
+            rng.append(_rng_state(device))
+            with torch.set_grad_enabled(k == len(ens.members) - 1 and torch.is_grad_enabled()):
                 logp, routing = self.member_logp(ens, ens, inputs, [name])
-                rows.append(logp)
-                routes.append(routing)
-            rng_after = _rng_state(device)
-            logp = torch.cat(rows)
-            routing = None if routes[0] is None else torch.cat(routes)  # type: ignore[arg-type]
+            if logp.requires_grad:
+                last = logp
+            rows.append(logp.detach())
+            routes.append(None if routing is None else routing.detach())
+        rng_after = _rng_state(device)
+        logp = torch.cat(rows)
+        routing = None if routes[0] is None else torch.cat(routes)  # type: ignore[arg-type]
+        with torch.no_grad():
             out = renyi_objective(logp, self.config.alpha, ens.log_weights, routing)
-        return Responsibilities(out, logp, routing, rng, rng_after)
+        return Responsibilities(out, logp, routing, rng, rng_after, last)
 
     def member_backward(
         self,
@@ -140,9 +152,15 @@ class EnsembleObjective:
         device = inputs["input_ids"].device
         penalty = torch.zeros((), dtype=torch.float64)
         w = resp.out.resp
-        for k, name in enumerate(ens.members):
-            _set_rng_state(resp.rng[k], device)  # the same dropout masks as the no-grad pass
-            logp, _ = self.member_logp(ens, ens, inputs, [name])  # (1, B), with gradient
+        k_last = len(ens.members) - 1
+        order = [k_last, *range(k_last)] if resp.last is not None else range(k_last + 1)
+        for k in order:
+            name = ens.members[k]
+            if k == k_last and resp.last is not None:
+                logp, resp.last = resp.last, None  # its graph is already there
+            else:
+                _set_rng_state(resp.rng[k], device)  # the same dropout masks as before
+                logp, _ = self.member_logp(ens, ens, inputs, [name])  # (1, B), with gradient
             loss = -(w[k : k + 1].to(logp.dtype) * logp).sum(dim=0).mean()
             anchor = self.anchor_term(ens, [name])
             if anchor is not None:

@@ -35,7 +35,13 @@ from training.config import DPOConfig, PriorInit, TrainConfig
 from training.data import load_dpo, load_sft
 from training.datasets import ExampleDataset, PairDataset, collate
 from training.export import LOG_FILE, export_ensemble
-from training.memory import GIB, activation_bytes, available_bytes, choose_member_memory
+from training.memory import (
+    GIB,
+    activation_bytes,
+    available_bytes,
+    choose_member_memory,
+    limit_allocator_caching,
+)
 from training.model import EnsembleLM, build_ensemble, load_model, load_tokenizer
 from training.prior import calibration_batch, init_prior
 from training.routing import routing_summary, score_examples
@@ -153,6 +159,7 @@ def _prepare_run_dir(cfg: TrainConfig) -> None:
 def train_ensemble(cfg: TrainConfig) -> TrainResult:
     """Train and export an ensemble; see the module docstring for the order of checks."""
     t0 = time.monotonic()
+    limit_allocator_caching()  # resident memory follows the live tensors (training/memory.py)
     args = _training_args(cfg, cfg.run_dir, bool(cfg.eval_data))
     state = args.distributed_state  # every process checks the same things, then waits
     cfg.check_paths()
