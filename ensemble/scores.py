@@ -17,6 +17,7 @@ __all__ = [
     "EVAL_SCORES",
     "GATE_SCORES",
     "MIN_CALIBRATION",
+    "PROMPT_SCORES",
     "Score",
 ]
 
@@ -55,4 +56,7 @@ DEFAULT_GATE_THRESHOLD = 0.5
 # AUROC 0.65 vs 0.89) did not raise the AUROC and, through the Bonferroni factor, doubles
 # the calibration prompts a 5 % gate needs (m / (n + 1) ≤ rate).
 COMBINED_COMPONENTS: tuple[str, ...] = (Score.PROMPT_NOVELTY.value,)
+# The scores known from the prompt alone, before any member generates: a gate on them (or
+# on `combined` built only from them) can abstain or escalate without generating.
+PROMPT_SCORES: frozenset[str] = frozenset({Score.PROMPT_NOVELTY.value})
 MIN_CALIBRATION = 20

@@ -18,12 +18,11 @@ from enum import StrEnum
 from typing import Any
 
 from ensemble.calibration import GateCalibration
-from ensemble.scores import GATE_SCORES, Score
+from ensemble.scores import GATE_SCORES, PROMPT_SCORES, Score
 from server.errors import InvalidRequestError
 from server.protocol import GateOptions
 
 __all__ = [
-    "PROMPT_SCORES",
     "GateAction",
     "GateDecision",
     "GatePolicy",
@@ -31,9 +30,6 @@ __all__ = [
     "prompt_only",
     "request_gate",
 ]
-
-# Scores known from the prompt alone, before any member generates (docs/uncertainty.md).
-PROMPT_SCORES = frozenset({Score.PROMPT_NOVELTY.value})
 
 
 class GateAction(StrEnum):
