@@ -29,21 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ood_ablation import category  # bench/, the script's own folder
+
 from ensemble.calibration import combined_score, fit_conformal_gate
 from ensemble.jsonl import read_jsonl
 from ensemble.metrics import auroc
 from ensemble.scores import COMBINED_COMPONENTS
-
-
-def category(row: dict[str, Any]) -> str:
-    task = str(row.get("task") or row.get("group") or "")
-    if not row.get("ood"):
-        return "in"
-    if task.startswith("lang:"):
-        return "other_language"
-    if task.startswith("novel:"):
-        return "novel_kind"
-    return "heldout_topic"
 
 
 def flag_rate(cal: Any, threshold: float, rows: list[dict[str, Any]]) -> float:

@@ -56,7 +56,9 @@ GATE_RATE = 0.05
 
 
 def category(row: dict[str, Any]) -> str:
-    task = str(row.get("task", ""))
+    """in / other_language / novel_kind / heldout_topic, from ``ood`` and the task label
+    (``task``, or ``group`` in ``softspec eval`` predictions)."""
+    task = str(row.get("task") or row.get("group") or "")
     if not row.get("ood"):
         return "in"
     if task.startswith("lang:"):

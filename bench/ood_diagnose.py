@@ -34,6 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ood_ablation import category  # bench/, the script's own folder
+
 from ensemble import metrics as M
 
 
@@ -54,15 +56,6 @@ def _mix(tokens: Any, lw: Any) -> Any:
     """Mixture per-token log-likelihood ratio from (K, T) member ratios (same base)."""
     a = lw[:, None] + tokens
     return np.log(np.exp(a - a.max(0)).sum(0)) + a.max(0)
-
-
-def _kind(r: dict[str, Any]) -> str:
-    task = str(r["task"])
-    if not r["ood"]:
-        return "in"
-    if task.startswith("lang:"):
-        return "other_language"
-    return "novel_kind" if task.startswith("novel:") else "heldout_topic"
 
 
 def prompt_score_table(records: list[dict[str, Any]], lw: Any) -> dict[str, Any]:
@@ -87,13 +80,13 @@ def prompt_score_table(records: list[dict[str, Any]], lw: Any) -> dict[str, Any]
         "frac_negative": lambda r: float(np.mean(_mix(np.array(r["user_llr_tokens"]), lw) < 0)),
     }
     ood = [bool(r["ood"]) for r in records]
-    kinds = sorted({_kind(r) for r in records} - {"in"})
+    kinds = sorted({category(r) for r in records} - {"in"})
     table: dict[str, Any] = {}
     for name, fn in aggregations.items():
         vals = np.array([fn(r) for r in records])
         entry = {"all": M.auroc(vals.tolist(), ood)}
         for kind in kinds:
-            sub = [i for i, r in enumerate(records) if _kind(r) in ("in", kind)]
+            sub = [i for i, r in enumerate(records) if category(r) in ("in", kind)]
             entry[kind] = M.auroc(vals[sub].tolist(), [ood[i] for i in sub])
         ind = np.sort(vals[~np.array(ood)])
         thr = ind[int(np.ceil(0.95 * len(ind))) - 1]  # flags ≤ 5 % of in-distribution
@@ -237,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             }
     by_task: dict[str, list[float]] = {}
     for r in records:
-        by_task.setdefault(_kind(r), []).append(-r["llr_all"])
+        by_task.setdefault(category(r), []).append(-r["llr_all"])
     res["neg_llr_all_by_kind"] = {k: round(float(np.mean(v)), 4) for k, v in by_task.items()}
     res["prompt_scores"] = prompt_score_table(records, lw)
     text = json.dumps(res, indent=1)
