@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from server.http import UpstreamClient
 from server.metrics import Metrics
 
 __all__ = ["Fallback", "FallbackAnswer", "FallbackError", "FallbackStream"]
@@ -59,8 +60,9 @@ class Fallback:
         self.timeout = timeout
         self.metrics = metrics
         self._api_key = api_key
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._upstream = UpstreamClient(
+            transport, FallbackError("the fallback client is not started")
+        )
         self.reachable: bool | None = None  # None: not probed yet
         self.detail = "not checked yet"
 
@@ -68,23 +70,15 @@ class Fallback:
 
     async def start(self) -> None:
         headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            headers=headers,
-            transport=self._transport,
-        )
+        timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
+        self._upstream.open(timeout, headers=headers)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._upstream.aclose()
 
     @property
     def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            raise FallbackError("the fallback client is not started")
-        return self._client
+        return self._upstream.http
 
     async def probe(self) -> bool:
         """``GET /models``: reachable, and (without ``SOFTSPEC_FALLBACK_MODEL``) learn the

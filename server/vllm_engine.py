@@ -43,6 +43,7 @@ from server.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from server.http import UpstreamClient
 from server.metrics import Metrics
 
 __all__ = ["VLLMEngine"]
@@ -106,8 +107,9 @@ class VLLMEngine(Engine):
         self.manifest = manifest
         self.timeout = timeout
         self.metrics = metrics
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._upstream = UpstreamClient(
+            transport, RuntimeError("VLLMEngine.start() was not called")
+        )
         self._texts: dict[int, str] = {}
         self._base_id: str | None = None  # vLLM's id of the base model (adapters off)
         self._batching = _BaseExclusive()  # base requests never batch with adapter requests
@@ -116,23 +118,14 @@ class VLLMEngine(Engine):
     # ------------------------------------------------------------------ plumbing
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(self.timeout, connect=5.0),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            transport=self._transport,
-        )
+        self._upstream.open(httpx.Timeout(self.timeout, connect=5.0), base_url=self.base_url)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._upstream.aclose()
 
     @property
     def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            raise RuntimeError("VLLMEngine.start() was not called")
-        return self._client
+        return self._upstream.http
 
     def served(self, member: str) -> str:
         return self.manifest.served_name(member)
