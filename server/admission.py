@@ -39,8 +39,12 @@ class Admission:
         """Seconds until a slot is likely free: the queue ahead, drained at the observed rate."""
         return min(60.0, max(1.0, self._hold * (self.waiting + 1) / self.max_concurrency))
 
-    async def acquire(self) -> None:
-        """Take a slot, waiting in the queue if needed; 429 at once when the queue is full."""
+    def refuse_if_full(self) -> None:
+        """Raise the 429 now if every slot is busy and the queue is full.
+
+        Synchronous, so a route can refuse before it creates any task or awaits anything:
+        on a busy event loop every await is a wait behind other requests' work.
+        """
         if self._sem.locked() and self.waiting >= self.max_queue:
             self.metrics.rejected.labels("queue_full").inc()
             raise OverloadedError(
@@ -48,6 +52,10 @@ class Admission:
                 f"waiting); retry after the Retry-After interval",
                 retry_after=self.retry_after(),
             )
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in the queue if needed; 429 at once when the queue is full."""
+        self.refuse_if_full()
         self.waiting += 1
         self.metrics.waiting.inc()
         t0 = time.perf_counter()

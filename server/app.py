@@ -8,10 +8,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ensemble import manifest as manifest_io
@@ -27,7 +26,7 @@ from server.service import EnsembleService
 from server.settings import Settings
 from server.supervisor import EngineSupervisor, Restartable
 
-__all__ = ["BodyLimit", "create_app", "gate_policy"]
+__all__ = ["BodyLimit", "Observe", "create_app", "gate_policy"]
 
 log = logging.getLogger("softspec.server")
 
@@ -83,6 +82,48 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class Observe:
+    """ASGI middleware: request count, latency and in-flight gauge per route, and the
+    gateway's own time in a ``Server-Timing: gateway;dur=<ms>`` response header.
+
+    Plain ASGI (not ``@app.middleware``, whose wrapper adds a task group and memory streams
+    to every request): an answer that needs no engine work, a 429 above all, costs no
+    extra trips through a busy event loop. The header is the time from the request
+    reaching the app to its response headers, so a client can tell the gateway's share of
+    a latency from the network's and its own (bench/soak.py reports both).
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def timed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                dur = f"gateway;dur={(time.perf_counter() - t0) * 1e3:.1f}".encode()
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"server-timing", dur)]}  # fmt: skip
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, timed)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
 def gate_policy(settings: Settings, manifest: manifest_io.EnsembleManifest) -> GatePolicy:
@@ -182,20 +223,6 @@ def create_app(
     app.include_router(router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        metrics.inflight.inc()
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            response: Response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            endpoint = getattr(route, "path", "other")
-            metrics.inflight.dec()
-            metrics.requests.labels(endpoint, str(status)).inc()
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+    app.add_middleware(Observe, metrics=metrics)
 
     return app

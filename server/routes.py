@@ -56,8 +56,12 @@ def supervisor(request: Request) -> EngineSupervisor | None:
     return sup
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
     """Bearer-key check when SOFTSPEC_API_KEYS is set (``/health`` stays open).
+
+    ``async`` although it never awaits: FastAPI runs a plain ``def`` dependency in a worker
+    thread, a hop through the thread pool and back on every request, 429s included
+    (tests/server/test_admission.py checks that a refusal never yields to the event loop).
 
     Every configured key is compared in constant time (``hmac.compare_digest``), so the
     answer's timing says nothing about how much of a key was right; keys are never logged.
@@ -238,8 +242,10 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # we are cancelled ourselves (shutdown): the work goes with us
+    except BaseException:  # we are cancelled (deadline, shutdown): the work goes with us
         task.cancel()
+        # and has unwound (left the queue, given its slot back) before the answer is sent
+        await asyncio.wait({task})
         raise
     finally:
         watch.cancel()
@@ -311,6 +317,7 @@ async def _admitted(
     """
     _engine_up(request)
     admission: Admission = request.app.state.admission
+    admission.refuse_if_full()  # before any task or await: a refusal waits behind nothing
 
     async def run() -> T:
         async with contextlib.AsyncExitStack() as local:

@@ -146,6 +146,7 @@ def test_burst_beyond_the_queue_gets_429_at_once_while_admitted_requests_finish(
             for r in extra:
                 envelope(r, 429, "queue_full")
                 assert int(r.headers["retry-after"]) >= 1
+                assert r.headers["server-timing"].startswith("gateway;dur=")
             held.release()
             done = await asyncio.gather(*admitted)
             assert [r.status_code for r in done] == [200] * 4
@@ -158,11 +159,37 @@ def test_burst_beyond_the_queue_gets_429_at_once_while_admitted_requests_finish(
     asyncio.run(scenario())
 
 
-async def _raw_post(app: FastAPI, body: dict[str, Any], gone: asyncio.Event) -> list[Any]:
+def test_a_refusal_is_answered_without_yielding_to_the_event_loop(tmp_path: Path) -> None:
+    """The whole 429 (middleware, validation, admission, error envelope) runs in one step of
+    the event loop: on a loop busy with other requests' work, each yield would be a wait."""
+    app, held = build(tmp_path, max_concurrency=1, max_queue=1)
+
+    async def scenario() -> None:
+        held.hold()
+        async with serving(app) as client:
+            admitted = [asyncio.ensure_future(client.post("/v1/chat/completions", json=CHAT))
+                        for _ in range(2)]  # fmt: skip
+            adm = app.state.admission
+            await until(lambda: adm.active == 1 and adm.waiting == 1, "1 running, 1 waiting")
+            sent: list[Any] = []
+            step = _raw_post(app, CHAT, asyncio.Event(), sent)
+            with pytest.raises(StopIteration):  # finished at the first step: no suspension
+                step.send(None)
+            assert sent[0]["status"] == 429
+            assert json.loads(sent[1]["body"])["error"]["code"] == "queue_full"
+            held.release()
+            assert [r.status_code for r in await asyncio.gather(*admitted)] == [200, 200]
+
+    asyncio.run(scenario())
+
+
+async def _raw_post(
+    app: FastAPI, body: dict[str, Any], gone: asyncio.Event, messages: list[Any] | None = None
+) -> list[Any]:
     """POST through the ASGI interface with a client that disconnects when ``gone`` is set."""
     data = json.dumps(body).encode()
     sent = False
-    messages: list[Any] = []
+    messages = [] if messages is None else messages
 
     async def receive() -> dict[str, Any]:
         nonlocal sent
