@@ -1,11 +1,9 @@
 """``softspec demo``: the main job end to end on the embedded defaults.
 
 1. export the default base model and build the default datasets (skipping what exists);
-2. train a K=4, α=0.8 SFT ensemble on ``sft_topics`` within a time budget (members start
-   from a random prior at 0.1 nats/token from the base, which doubled routing MI in
-   bench/ood_ablation.py at equal OOD detection; 32 prompts held out calibrate the served
-   ``combined`` gate at a 10 % in-distribution flag rate), or reuse the previous one unless
-   ``--retrain``;
+2. train a K=4, α=0.8 SFT ensemble on ``sft_topics`` within a time budget (32 prompts held
+   out calibrate the served ``combined`` gate at a 10 % in-distribution flag rate), or reuse
+   the previous one unless ``--retrain``;
 3. serve it (vLLM engine when installed, else the local engine) and send a fixed set of
    prompts through the official ``openai`` SDK (via :mod:`clients`): in-distribution
    questions, out-of-distribution ones (other languages, a topic never trained) and
@@ -115,7 +113,7 @@ def _train(args: argparse.Namespace, base: Path, data: Path, ens: Path) -> None:
         "--batch-size", "4", "--learning-rate", "5e-4", "--max-length", "128", "--drop-overlong",
         "--lora-r", "8", "--routing-examples", "96", "--logging-steps", "2",
         "--save-steps", "20", "--name", "demo", "--gate-calibration", str(args.gate_calibration),
-        "--gate-rate", str(args.gate_rate), "--prior-init", "random", "--prior-kl", "0.1",
+        "--gate-rate", str(args.gate_rate),
     ]  # fmt: skip
     if ens.exists():
         argv.append("--overwrite")
