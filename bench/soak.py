@@ -1,24 +1,29 @@
 """Soak, overload and fault benchmark for a running gateway (loopback).
 
     python bench/soak.py --ensemble runs/topics [--levels 1,2,4,8,16] [--per-level 24]
-                         [--soak 500] [--fault] [--max-concurrency 2 --max-queue 4]
+                         [--burst 8 --burst-rounds 5] [--soak 500] [--fault]
+                         [-- --max-concurrency 2 --max-queue 2]
     python bench/soak.py --url http://127.0.0.1:8000 --pid <gateway pid> ...
 
 With ``--ensemble`` it starts ``softspec serve`` itself (its own vLLM child, so the fault
-mode has a child to kill; gateway options after ``--`` are passed on). Three phases:
+mode has a child to kill; gateway options after ``--`` are passed on, ``--vllm-url``
+included). Four phases:
 
 1. **rising concurrency** (``--levels``): at each level, that many clients send
    ``--per-level`` chat requests in all, back to back; per level: statuses, p50/p99 of
    the answered (200) and of the refused (429) requests, throughput;
-2. **soak** (``--soak N``): N short requests at the gateway's admitted concurrency (the
-   sustainable rate: nothing waits long, nothing is refused); errors, and the gateway's RSS
-   before (after a warm-up) and after; fails when RSS grew more than ``--rss-bound``;
-3. **fault** (``--fault``): SIGKILL the gateway's vLLM child while clients send requests,
+2. **burst** (``--burst N``): N requests at once, ``--burst-rounds`` times; the latency
+   of the 429s as the client sees it and as the gateway reports it (``Server-Timing``),
+   and of ``GET /health`` probed meanwhile (what a request without engine work costs);
+3. **soak** (``--soak N``): N short requests from ``--soak-concurrency`` clients (default:
+   the gateway's admitted concurrency); errors, and the gateway's RSS before (after a
+   warm-up) and after; fails when RSS grew more than ``--rss-bound``;
+4. **fault** (``--fault``): SIGKILL the gateway's vLLM child while clients send requests,
    then report the statuses seen while it was down and the time from the kill to the first
    200 (target: vLLM start-up time + 10 s), and that the gateway process survived.
 
 Prints a table per phase and a JSON summary (also written to ``--out``). Exit 1 when a
-target is missed (a 5xx in phases 1–2, errors or RSS growth in the soak, no recovery).
+target is missed (a 5xx in phases 1–3, errors or RSS growth in the soak, no recovery).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from server.settings import Settings  # after the path: run as a script
+
 PROMPTS = [
     "What is AI?",
     "Do you like sports?",
@@ -58,6 +65,7 @@ class Run:
     statuses: Counter[int] = field(default_factory=Counter)
     ok: list[float] = field(default_factory=list)  # seconds, 200s
     refused: list[float] = field(default_factory=list)  # seconds, 429s
+    refused_gw: list[float] = field(default_factory=list)  # seconds, 429s, gateway's own time
     other: list[str] = field(default_factory=list)  # first lines of unexpected answers
     wall: float = 0.0
 
@@ -70,7 +78,12 @@ class Run:
             "ok_p99_s": pct(self.ok, 99),
             "rejected_429": self.statuses.get(429, 0),
             "rejected_p50_ms": None if not self.refused else round(pct(self.refused, 50) * 1e3, 1),
+            "rejected_p99_ms": None if not self.refused else round(pct(self.refused, 99) * 1e3, 1),
             "rejected_max_ms": None if not self.refused else round(max(self.refused) * 1e3, 1),
+            "rejected_gateway_p50_ms": ms(self.refused_gw, 50),
+            "rejected_gateway_max_ms": None
+            if not self.refused_gw
+            else round(max(self.refused_gw) * 1e3, 1),
             "answers_per_s": round(len(self.ok) / self.wall, 2) if self.wall else None,
             "server_errors": sum(c for s, c in self.statuses.items() if s >= 500),
         }
@@ -82,6 +95,32 @@ def pct(xs: list[float], q: float) -> float:
     if len(xs) == 1:
         return round(xs[0], 3)
     return round(statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1], 3)
+
+
+def ms(xs: list[float], q: float) -> float | None:
+    return None if not xs else round(pct(xs, q) * 1e3, 1)
+
+
+def gateway_seconds(r: httpx.Response) -> float | None:
+    """The gateway's own time for an answer (its ``Server-Timing: gateway;dur=<ms>``)."""
+    for part in r.headers.get("server-timing", "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if name == "gateway" and dur:
+            return float(dur) / 1e3
+    return None
+
+
+def record(run: Run, r: httpx.Response, dt: float) -> None:
+    run.statuses[r.status_code] += 1
+    if r.status_code == 200:
+        run.ok.append(dt)
+    elif r.status_code == 429:
+        run.refused.append(dt)
+        gw = gateway_seconds(r)
+        if gw is not None:
+            run.refused_gw.append(gw)
+    else:
+        run.other.append(f"{r.status_code} {r.text[:200]}")
 
 
 def body(i: int, model: str, max_tokens: int) -> dict[str, Any]:
@@ -109,19 +148,54 @@ async def load(
                 run.statuses[0] += 1
                 run.other.append(f"{type(exc).__name__}: {exc}")
                 continue
-            dt = time.perf_counter() - t0
-            run.statuses[r.status_code] += 1
-            if r.status_code == 200:
-                run.ok.append(dt)
-            elif r.status_code == 429:
-                run.refused.append(dt)
-            else:
-                run.other.append(f"{r.status_code} {r.text[:200]}")
+            record(run, r, time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
     run.wall = time.perf_counter() - t0
     return run
+
+
+async def burst(
+    client: httpx.AsyncClient, model: str, n: int, rounds: int, max_tokens: int
+) -> dict[str, Any]:
+    """``n`` requests at once, ``rounds`` times; 429 latency as the client and the gateway
+    see it, and, as a control, the latency of ``GET /health`` (no engine work) probed every
+    50 ms meanwhile: what any trivial request costs on the gateway at that moment."""
+    run = Run()
+    health: list[float] = []
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            r = await client.post("/v1/chat/completions", json=body(i, model, max_tokens))
+        except httpx.HTTPError as exc:
+            run.statuses[0] += 1
+            run.other.append(f"{type(exc).__name__}: {exc}")
+            return
+        record(run, r, time.perf_counter() - t0)
+
+    async def probe(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            await client.get("/health")
+            health.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.05)
+
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        stop = asyncio.Event()
+        watcher = asyncio.ensure_future(probe(stop))
+        await asyncio.gather(*(one(i) for i in range(n)))
+        stop.set()
+        await watcher
+    run.wall = time.perf_counter() - t0
+    return {
+        "burst": n, "rounds": rounds, **run.summary(),
+        "health_p50_ms": ms(health, 50), "health_p99_ms": ms(health, 99),
+        "health_max_ms": None if not health else round(max(health) * 1e3, 1),
+        "unexpected": run.other[:3],
+    }  # fmt: skip
 
 
 def rss_kib(pid: int) -> int:
@@ -219,6 +293,11 @@ async def main_async(args: argparse.Namespace, url: str, pid: int) -> dict[str, 
             levels.append({"concurrency": c, **run.summary(), "unexpected": run.other[:3]})
             print(json.dumps(levels[-1]), flush=True)
         report["levels"] = levels
+        if args.burst:
+            report["burst"] = await burst(
+                client, model, args.burst, args.burst_rounds, args.max_tokens
+            )
+            print(json.dumps(report["burst"]), flush=True)
         if args.soak:
             await load(client, model, args.soak_concurrency, 20, args.max_tokens)  # warm-up
             before = rss_kib(pid)
@@ -249,6 +328,9 @@ async def main_async(args: argparse.Namespace, url: str, pid: int) -> dict[str, 
 
 def missed(report: dict[str, Any]) -> list[str]:
     out = []
+    b = report.get("burst")
+    if b and (b["server_errors"] or b["statuses"].get(0)):
+        out.append(f"errors in the burst: {b['statuses']}")
     for lv in report.get("levels", []):
         if lv["server_errors"]:
             out.append(f"{lv['server_errors']} 5xx at concurrency {lv['concurrency']}")
@@ -269,9 +351,13 @@ def main() -> int:
     p.add_argument("--url", help="a running gateway instead (needs --pid for RSS and --fault)")
     p.add_argument("--pid", type=int, help="the running gateway's process id")
     p.add_argument("--levels", default="1,2,4,8,16",
-                   type=lambda s: [int(x) for x in s.split(",")])  # fmt: skip
+                   type=lambda s: [int(x) for x in s.split(",") if x])  # fmt: skip
     p.add_argument("--per-level", type=int, default=24, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--burst", type=int, default=0,
+                   help="requests sent at once in the burst phase (e.g. 4x --max-concurrency + "
+                   "--max-queue, so some are refused); 0: no burst phase")  # fmt: skip
+    p.add_argument("--burst-rounds", type=int, default=3, help="bursts, one after the other")
     p.add_argument("--soak", type=int, default=0, help="requests in the soak phase (e.g. 500)")
     p.add_argument("--soak-concurrency", type=int, default=None,
                    help="clients in the soak and fault phases (default: the gateway's "
@@ -285,7 +371,8 @@ def main() -> int:
     if args.soak_concurrency is None:
         conc = "--max-concurrency"
         given = serve_args[serve_args.index(conc) + 1] if conc in serve_args else None
-        args.soak_concurrency = int(given or os.environ.get("SOFTSPEC_MAX_CONCURRENCY", "4"))
+        default = str(Settings.model_fields["max_concurrency"].default)
+        args.soak_concurrency = int(given or os.environ.get("SOFTSPEC_MAX_CONCURRENCY", default))
     proc = None
     if args.ensemble is not None:
         from softspec.serving import start_server, stop_server

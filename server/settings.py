@@ -59,11 +59,14 @@ class Settings(VLLMShape, BaseSettings):
     vllm_startup_timeout: float = Field(default=600.0, gt=0)
     log_level: str = "info"
     # --- reliability (docs/reliability.md) -----------------------------------------
+    # measured on the reference machine (2 CPU cores, vLLM CPU, K=4): answers/s peak at 2
+    # requests in flight and do not grow beyond; 8 waiting = four rounds, about 30 s of
+    # queue at that rate (docs/reliability.md, "Defaults")
     max_concurrency: int = Field(
-        default=4, gt=0, description="ensemble requests running at once; more wait in the queue"
+        default=2, gt=0, description="ensemble requests running at once; more wait in the queue"
     )
     max_queue: int = Field(
-        default=16, gt=0, description="requests waiting for a slot; beyond it: 429 at once"
+        default=8, gt=0, description="requests waiting for a slot; beyond it: 429 at once"
     )
     request_deadline: float = Field(
         default=300.0, gt=0, description="seconds a request may take in all (queue + engine)"
