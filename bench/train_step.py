@@ -131,6 +131,55 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def profile(spec: dict[str, Any]) -> dict[str, Any]:
+    """Live tensor bytes of one step, per phase (after a warm-up step), in this process."""
+    import torch
+
+    from softspec.default_model import export_default_model
+    from training.config import SFTConfig
+    from training.memory import TensorMemory, activation_bytes, limit_allocator_caching
+    from training.model import build_ensemble, load_base
+    from training.objective import EnsembleObjective
+
+    limit_allocator_caching()
+    model, tok = load_base(export_default_model())
+    ckpt = spec["mode"] == "checkpointed"
+    cfg = SFTConfig(data="unused", out="unused", members=spec["members"], alpha=1.0,
+                    lora_dropout=spec["dropout"], gradient_checkpointing=ckpt,
+                    member_memory="coupled" if spec["mode"] == "coupled" else "sequential")  # fmt: skip
+    ens = build_ensemble(model, cfg)
+    ens.train()
+    batch = make_batch(tok, "sft", spec["batch_size"], spec["max_length"])
+    obj = EnsembleObjective(cfg, ens)
+    opt = torch.optim.AdamW([p for p in ens.parameters() if p.requires_grad], lr=1e-4)
+    for _ in range(2):  # a warm-up step, then the measured one
+        meter = TensorMemory().ignore(ens, batch, list(opt.state.values()))
+        with meter:
+            if spec["mode"] == "coupled":
+                with meter.phase("forward"):
+                    scores = obj.member_logp(ens, ens, batch)[0]
+                with meter.phase("loss"):
+                    from training.loss import renyi_objective
+
+                    loss = renyi_objective(scores, 1.0, ens.log_weights).loss
+                with meter.phase("backward"):
+                    loss.backward()
+                    del scores, loss
+            else:
+                with meter.phase("no-grad pass (w)"):
+                    resp = obj.responsibilities(ens, batch)
+                with meter.phase("member forward+backward"):
+                    obj.member_backward(ens, batch, resp, torch.Tensor.backward)
+                    del resp
+            with meter.phase("optimizer"):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    est = activation_bytes(model.config, int(batch["input_ids"].numel()),
+                           lora_dropout=spec["dropout"], checkpointing=ckpt)  # fmt: skip
+    return {**spec, "peak_mib": meter.peak / 2**20, "phases": meter.phases,
+            "estimate_per_member_mib": est / 2**20}  # fmt: skip
+
+
 def estimate_fits(spec: dict[str, Any]) -> tuple[bool, str]:
     """Whether the configuration's estimated activations fit in the memory available."""
     from transformers import AutoConfig
@@ -184,10 +233,29 @@ def main() -> None:
     p.add_argument("--dpo-max-length", type=int, default=192)
     p.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
     p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument(
+        "--profile", action="store_true",
+        help="instead: live tensor memory per phase of one SFT step (K=1 and sequential K=4)",
+    )  # fmt: skip
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(profile(spec) if spec.get("profile") else child(spec)))
+        return
+    if args.profile:
+        common = {"profile": True, "batch_size": args.batch_size, "max_length": args.max_length}
+        for members, mode, dropout in [(1, "coupled", 0.05), (1, "coupled", 0.0),
+                                       (1, "checkpointed", 0.05), (4, "sequential", 0.05)]:  # fmt: skip
+            spec = {**common, "members": members, "mode": mode, "dropout": dropout}
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"K={members} {mode} lora_dropout={dropout}: peak {row['peak_mib']:.0f} MiB "
+                  f"(estimate of one member's activations {row['estimate_per_member_mib']:.0f})")  # fmt: skip
+            for name, ph in row["phases"].items():
+                print(f"  {name:24s} start {ph['start_mib']:7.0f}  peak +{ph['peak_above_start_mib']:6.0f}"
+                      f"  held after {ph['held_after_mib']:+7.0f} MiB")  # fmt: skip
         return
     rows: list[dict[str, Any]] = []
     for objective in args.objectives:
