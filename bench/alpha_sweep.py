@@ -53,8 +53,8 @@ def specialisation(ens_dir: Path, data: Path, alpha: float, limit: int) -> dict[
     from ensemble import metrics as M
     from ensemble.math import responsibilities
     from training.data import load_sft
+    from training.datasets import ExampleDataset, collate
     from training.model import load_ensemble
-    from training.trainer import ExampleDataset, collate
 
     ens, tok = load_ensemble(ens_dir)
     ens.eval()

@@ -46,9 +46,9 @@ def pair_stats(ens_dir: Path, test: Path, alpha: float, beta: float, limit: int)
     from ensemble import metrics as M
     from ensemble.math import responsibilities
     from training.data import load_dpo
+    from training.datasets import PairDataset, collate
     from training.dpo import dpo_margins
     from training.model import load_ensemble
-    from training.trainer import PairDataset, collate
 
     ens, tok = load_ensemble(ens_dir)
     ens.eval()

@@ -85,8 +85,8 @@ def validation_nll(ens_dir: Path, data: Path, limit: int) -> dict[str, float]:
     import torch
 
     from training.data import load_sft
+    from training.datasets import ExampleDataset, collate
     from training.model import load_ensemble
-    from training.trainer import ExampleDataset, collate
 
     ens, tok = load_ensemble(ens_dir)
     ens.eval()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ensemble.calibration import fit_calibration, smallest_rate, threshold_for_rate
+from ensemble.calibration import fit_conformal_gate
 from ensemble.errors import ConfigError
 from ensemble.manifest import GateSpec
 from ensemble.manifest import load as load_manifest
@@ -91,14 +91,12 @@ def fit_gate(
 
     scores = asyncio.run(collect())
     source = f"{len(prompts)} prompts held out of the training data"
-    calibration = fit_calibration(scores, COMBINED_COMPONENTS, source=source)
-    if smallest_rate(calibration) > rate:
-        raise ConfigError(
-            f"--gate-rate {rate}: {calibration.n} calibration prompts can promise no less "
-            f"than {smallest_rate(calibration):.3f}; raise --gate-calibration or --gate-rate"
+    try:
+        calibration, threshold = fit_conformal_gate(
+            scores, COMBINED_COMPONENTS, rate, source=source
         )
-    return GateSpec(
-        score_name=Score.COMBINED.value,
-        threshold=threshold_for_rate(rate),
-        calibration=calibration,
-    )
+    except ValueError as exc:
+        raise ConfigError(
+            f"--gate-rate {rate}: {exc}; raise --gate-calibration or --gate-rate"
+        ) from exc
+    return GateSpec(score_name=Score.COMBINED.value, threshold=threshold, calibration=calibration)

@@ -39,8 +39,11 @@ def calibrated(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 def test_train_writes_a_calibrated_combined_gate_from_held_out_prompts(calibrated: Path) -> None:
     manifest = load_manifest(calibrated)
     gate = manifest.gate
-    assert gate.score_name == "combined" and gate.threshold == pytest.approx(0.9)
+    # 20 calibration prompts: 10 % snaps to the level 2/21; the threshold sits half a step up
+    assert gate.score_name == "combined" and gate.threshold == pytest.approx(1 - 2.5 / 21)
     assert gate.calibration is not None and gate.calibration.n == 20
+    assert gate.calibration.level == pytest.approx(2 / 21) and gate.calibration.target_rate == 0.1
+    assert "the gate flags at most 9.52% in expectation" in gate.calibration.guarantee
     assert gate.calibration.components == ["prompt_novelty"]
     assert manifest.training["examples"] == 110 - 20  # the held-out prompts were not trained on
 
@@ -63,7 +66,7 @@ def test_the_gateway_serves_the_calibrated_gate(calibrated: Path) -> None:
 
     assert u["combined"] == pytest.approx(combined_score(manifest.gate.calibration, u))  # type: ignore[arg-type]
     assert gate["score_name"] == "combined" and gate["score"] == pytest.approx(u["combined"])
-    assert gate["decision"] == ("pass" if u["combined"] <= 0.9 else "flag")
+    assert gate["decision"] == ("pass" if u["combined"] <= manifest.gate.threshold else "flag")
 
 
 def test_a_combined_gate_without_calibration_refuses_to_start(
