@@ -91,3 +91,14 @@ def clone_with_same_adapter(src: Path, dst: Path, name: str) -> Path:
         m["sha256"] = sha256_file(dst / m["adapter"] / "adapter_model.safetensors")
     (dst / "ensemble.json").write_text(json.dumps(raw, indent=2))
     return dst
+
+
+def randomize_lora_b(ens, seed: int = 0, scale: float = 0.3) -> None:  # type: ignore[no-untyped-def]
+    """Non-zero LoRA B matrices (N(0, scale²), seeded) so the members really differ."""
+    import torch
+
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for n, p in ens.peft.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)

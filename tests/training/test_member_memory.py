@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ensemble.manifest import load as load_manifest
 from softspec.cli import main
+from tests.helpers import randomize_lora_b
 from tests.training.test_dpo import pair_rows
 from training.config import DPOConfig, SFTConfig
 from training.data import load_dpo, load_sft
@@ -25,11 +26,8 @@ from training.objective import EnsembleObjective, sequential_step
 def _ensemble(tiny: Path, cfg: SFTConfig) -> Any:
     model, _ = load_base(tiny, dtype=torch.float64)
     ens = build_ensemble(model, cfg).double()
-    with torch.no_grad():  # non-zero B so the members really differ
-        g = torch.Generator().manual_seed(0)
-        for n, p in ens.peft.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    randomize_lora_b(ens)  # non-zero B so the members really differ
+    with torch.no_grad():
         ens.log_weights.copy_(torch.log(torch.tensor([0.5, 0.3, 0.2])))  # a non-uniform π
     ens.train()
     return ens

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from ensemble.manifest import load as load_manifest
 from softspec.cli import main
+from tests.helpers import randomize_lora_b
 from training.config import SFTConfig
 from training.data import load_sft
 from training.datasets import collate
@@ -48,11 +49,7 @@ def test_each_member_gradient_is_w_times_its_nll_gradient(
     model, tok = load_base(tiny_llama_dir, dtype=torch.float64)
     cfg = SFTConfig(data=str(sft_data), out="unused", members=3, alpha=0.8, lora_dropout=0.0)
     ens = build_ensemble(model, cfg).double()
-    with torch.no_grad():  # non-zero B so the members really differ
-        g = torch.Generator().manual_seed(0)
-        for n, p in ens.peft.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    randomize_lora_b(ens)  # non-zero B so the members really differ
     examples = load_sft(sft_data, tok, 128)[:3]
     batch = collate(
         [{"input_ids": e.input_ids, "labels": e.labels, "idx": i} for i, e in enumerate(examples)],
