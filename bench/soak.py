@@ -77,8 +77,8 @@ class Run:
             "ok_p50_s": pct(self.ok, 50),
             "ok_p99_s": pct(self.ok, 99),
             "rejected_429": self.statuses.get(429, 0),
-            "rejected_p50_ms": None if not self.refused else round(pct(self.refused, 50) * 1e3, 1),
-            "rejected_p99_ms": None if not self.refused else round(pct(self.refused, 99) * 1e3, 1),
+            "rejected_p50_ms": ms(self.refused, 50),
+            "rejected_p99_ms": ms(self.refused, 99),
             "rejected_max_ms": None if not self.refused else round(max(self.refused) * 1e3, 1),
             "rejected_gateway_p50_ms": ms(self.refused_gw, 50),
             "rejected_gateway_max_ms": None
@@ -89,16 +89,17 @@ class Run:
         }
 
 
-def pct(xs: list[float], q: float) -> float:
+def pct(xs: list[float], q: float, digits: int = 3) -> float:
     if not xs:
         return float("nan")
     if len(xs) == 1:
-        return round(xs[0], 3)
-    return round(statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1], 3)
+        return round(xs[0], digits)
+    return round(statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1], digits)
 
 
 def ms(xs: list[float], q: float) -> float | None:
-    return None if not xs else round(pct(xs, q) * 1e3, 1)
+    """The q-th percentile in milliseconds, to 0.1 ms."""
+    return None if not xs else round(pct(xs, q, digits=6) * 1e3, 1)
 
 
 def gateway_seconds(r: httpx.Response) -> float | None:
