@@ -133,6 +133,20 @@ def body(i: int, model: str, max_tokens: int) -> dict[str, Any]:
     }
 
 
+async def post_one(
+    client: httpx.AsyncClient, run: Run, i: int, model: str, max_tokens: int
+) -> None:
+    """One chat request, recorded in ``run`` (a transport error counts as status 0)."""
+    t0 = time.perf_counter()
+    try:
+        r = await client.post("/v1/chat/completions", json=body(i, model, max_tokens))
+    except httpx.HTTPError as exc:
+        run.statuses[0] += 1
+        run.other.append(f"{type(exc).__name__}: {exc}")
+        return
+    record(run, r, time.perf_counter() - t0)
+
+
 async def load(
     client: httpx.AsyncClient, model: str, clients: int, total: int, max_tokens: int
 ) -> Run:
@@ -142,14 +156,7 @@ async def load(
 
     async def worker() -> None:
         for i in counter:
-            t0 = time.perf_counter()
-            try:
-                r = await client.post("/v1/chat/completions", json=body(i, model, max_tokens))
-            except httpx.HTTPError as exc:
-                run.statuses[0] += 1
-                run.other.append(f"{type(exc).__name__}: {exc}")
-                continue
-            record(run, r, time.perf_counter() - t0)
+            await post_one(client, run, i, model, max_tokens)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
@@ -167,14 +174,7 @@ async def burst(
     health: list[float] = []
 
     async def one(i: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            r = await client.post("/v1/chat/completions", json=body(i, model, max_tokens))
-        except httpx.HTTPError as exc:
-            run.statuses[0] += 1
-            run.other.append(f"{type(exc).__name__}: {exc}")
-            return
-        record(run, r, time.perf_counter() - t0)
+        await post_one(client, run, i, model, max_tokens)
 
     async def probe(stop: asyncio.Event) -> None:
         while not stop.is_set():
