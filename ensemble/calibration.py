@@ -257,8 +257,8 @@ def fit_conformal_gate(
     threshold = threshold_for_rate(rate, cal)
     level, j = _level(cal, rate)
     m, n = len(cal.components), cal.n
-    jj = j // m if m > 1 else j  # per-component step count of the Bonferroni split
-    pac = min(1.0, m * beta_quantile(1.0 - delta / m, max(jj, 1), n + 1 - max(jj, 1)))
+    # m·min_j p_j ≤ L = m·j/(n+1) flags each component above its j-th largest score
+    pac = min(1.0, m * beta_quantile(1.0 - delta / m, j, n + 1 - j))
     guarantee = (
         f"on in-distribution prompts exchangeable with the {n} calibration prompts, the gate "
         f"flags at most {level:.2%} in expectation, and at most {pac:.2%} with probability "

@@ -215,3 +215,14 @@ def test_calibration_validation() -> None:
         fit_calibration([{"a": None}], ["a"])
     with pytest.raises(ValueError):
         threshold_for_rate(0.0)
+
+
+def test_pac_bound_with_two_components_uses_each_components_own_steps() -> None:
+    """m = 2: flagging m·min p ≤ L = 2·7/301 flags each component above its 7th-largest
+    score, so the bound is 2 × the (1 − δ/2) quantile of Beta(7, 294) (above the level)."""
+    rng = np.random.default_rng(6)
+    rows = [{"a": float(x), "b": float(y)} for x, y in rng.normal(size=(300, 2))]
+    cal, _ = fit_conformal_gate(rows, ["a", "b"], 0.05, delta=0.1)
+    assert cal.level == pytest.approx(14 / 301)
+    assert cal.pac_bound == pytest.approx(2 * beta_quantile(0.95, 7, 294))
+    assert cal.pac_bound > cal.level  # type: ignore[operator]
