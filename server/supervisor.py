@@ -3,7 +3,7 @@
 One task per gateway (started in the app's lifespan) probes the engine every
 ``interval`` seconds. With a child process (``softspec serve`` without ``--vllm-url``):
 
-* the child exited, or ``failures`` health checks in a row failed → the engine is *down*;
+* the child exited (noticed within ``EXIT_POLL`` seconds, not at the next probe), or ``failures`` health checks in a row failed → the engine is *down*;
   the child is killed (its whole process group) and started again on the same port: at
   once, then after ``backoff`` seconds, doubling per failed attempt (at most 30 s);
 * ``max_restarts`` failed attempts in a row → *failed*: ``on_give_up`` is called (the
@@ -35,6 +35,7 @@ log = logging.getLogger("softspec.server")
 
 State = Literal["up", "down", "restarting", "failed"]
 MAX_BACKOFF = 30.0
+EXIT_POLL = 0.2  # seconds between checks that the child is still running (a cheap waitpid)
 
 
 class Restartable(Protocol):
@@ -120,7 +121,7 @@ class EngineSupervisor:
     async def run(self) -> None:
         failed = 0
         while self.state != "failed":
-            await asyncio.sleep(self.interval)
+            await self._pause()
             if self.process is not None and not self.process.running():
                 self._down(f"the vLLM process exited with code {self.process.exit_code()}")
                 await self._restart()
@@ -138,6 +139,14 @@ class EngineSupervisor:
             if self.process is not None:
                 await self._restart()
                 failed = 0
+
+    async def _pause(self) -> None:
+        """Sleep one probe interval; wake early when the child process exits."""
+        end = time.monotonic() + self.interval
+        while (left := end - time.monotonic()) > 0:
+            if self.process is not None and not self.process.running():
+                return
+            await asyncio.sleep(min(EXIT_POLL, left))
 
     async def _healthy(self) -> bool:
         try:

@@ -1,0 +1,114 @@
+"""EngineSupervisor's watch loop against a fake child process (no vLLM)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from server.errors import UpstreamUnavailableError
+from server.metrics import Metrics
+from server.supervisor import EngineSupervisor
+
+
+class FakeChild:
+    """A child process whose death and restarts the test controls."""
+
+    def __init__(self, fail_restarts: int = 0) -> None:
+        self.alive = True
+        self.startup_seconds: float | None = 3.0
+        self.restarted_at: list[float] = []
+        self.fail_restarts = fail_restarts
+
+    def running(self) -> bool:
+        return self.alive
+
+    def exit_code(self) -> int | None:
+        return None if self.alive else -9
+
+    def restart(self) -> None:
+        self.restarted_at.append(time.monotonic())
+        if self.fail_restarts > 0:
+            self.fail_restarts -= 1
+            raise RuntimeError("did not come up")
+        self.alive = True
+
+
+async def _healthy() -> bool:
+    return True
+
+
+def _sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_a_dead_child_is_noticed_before_the_next_probe() -> None:
+    """With a 30 s probe interval, the exit is still noticed and the child restarted at once."""
+
+    async def scenario() -> tuple[float, EngineSupervisor, FakeChild, Metrics]:
+        child, metrics = FakeChild(), Metrics()
+        watch = EngineSupervisor(_healthy, metrics, process=child, interval=30.0)
+        task = asyncio.create_task(watch.run())
+        await asyncio.sleep(0.3)
+        assert watch.up and not child.restarted_at
+        child.alive = False
+        died = time.monotonic()
+        while not child.restarted_at:
+            await asyncio.sleep(0.01)
+            assert time.monotonic() - died < 5.0, "the exit was not noticed"
+        await asyncio.sleep(0.05)
+        task.cancel()
+        return child.restarted_at[0] - died, watch, child, metrics
+
+    took, watch, _, metrics = asyncio.run(scenario())
+    assert took < 0.5  # EXIT_POLL = 0.2 s; the probe interval is 30 s
+    assert watch.up and watch.restarts == 1
+    assert _sample(metrics, "softspec_engine_restarts_total", result="ok") == 1
+    assert _sample(metrics, "softspec_engine_up") == 1
+
+
+def test_failed_restarts_back_off_then_give_up() -> None:
+    gave_up: list[str] = []
+
+    async def scenario() -> tuple[EngineSupervisor, FakeChild, Metrics]:
+        child, metrics = FakeChild(fail_restarts=99), Metrics()
+        watch = EngineSupervisor(
+            _healthy, metrics, process=child, interval=0.05, max_restarts=3, backoff=0.1,
+            on_give_up=gave_up.append,
+        )  # fmt: skip
+        child.alive = False
+        await asyncio.wait_for(watch.run(), timeout=10)  # returns once failed
+        return watch, child, metrics
+
+    watch, child, metrics = asyncio.run(scenario())
+    assert watch.state == "failed" and len(gave_up) == 1 and "3 restarts" in gave_up[0]
+    gaps = [b - a for a, b in zip(child.restarted_at, child.restarted_at[1:], strict=False)]
+    assert len(child.restarted_at) == 3
+    assert gaps[0] == pytest.approx(0.1, abs=0.08) and gaps[1] == pytest.approx(0.2, abs=0.08)
+    assert _sample(metrics, "softspec_engine_restarts_total", result="failed") == 3
+    with pytest.raises(UpstreamUnavailableError) as err:
+        watch.check()
+    assert "failed" in str(err.value)
+
+
+def test_external_engine_goes_down_and_comes_back_without_restarts() -> None:
+    answers = [True, False, False, True]
+
+    async def probe() -> bool:
+        return answers.pop(0) if answers else True
+
+    async def scenario() -> list[str]:
+        watch = EngineSupervisor(probe, Metrics(), interval=0.02, failures=2)
+        task = asyncio.create_task(watch.run())
+        states: list[str] = []
+        for _ in range(40):
+            await asyncio.sleep(0.01)
+            if not states or states[-1] != watch.state:
+                states.append(watch.state)
+        task.cancel()
+        assert watch.restarts == 0
+        return states
+
+    assert asyncio.run(scenario()) == ["up", "down", "up"]
