@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import tempfile
 import time
@@ -62,6 +63,7 @@ class DiagnoseOptions:
     lora_alpha: int = 16
     target_modules: str = "all-linear"
     max_length: int = 256
+    drop_overlong: bool = False
     quiet: bool = False
 
     def check(self) -> None:
@@ -139,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target-modules", default=d.target_modules)
     p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument(
+        "--drop-overlong",
+        action="store_true",
+        help="leave out sampled examples whose completion starts beyond --max-length "
+        "(default: an error)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -164,19 +172,50 @@ def _sample_rows(path: str, n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _load_examples(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[Any]:
-    from training.data import load_sft
+def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    path.write_text(
+        "".join(
+            json.dumps({k: v for k, v in r.items() if k != "_line"}, ensure_ascii=False) + "\n"
+            for r in rows
+        ),
+        encoding="utf-8",
+    )
+
+
+def _load_examples(
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    max_length: int,
+    drop_overlong: bool = False,
+    source: str = "",
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """(the rows kept, their tokenized examples), index-aligned for the example report.
+    ``source``: the data file the rows came from, named in errors."""
+    from training.data import DataError, OverlongError, load_sft
 
     with tempfile.TemporaryDirectory(prefix="softspec-diagnose-") as tmp:
         path = Path(tmp) / "rows.jsonl"
-        path.write_text(
-            "".join(
-                json.dumps({k: v for k, v in r.items() if k != "_line"}, ensure_ascii=False) + "\n"
-                for r in rows
-            ),
-            encoding="utf-8",
-        )
-        return load_sft(path, tokenizer, max_length)
+        if drop_overlong:
+            kept = []
+            for row in rows:
+                _write_rows([row], path)
+                try:
+                    load_sft(path, tokenizer, max_length)
+                except OverlongError:
+                    continue
+                kept.append(row)
+            rows = kept
+            if not rows:
+                return rows, []
+        _write_rows(rows, path)
+        try:
+            return rows, load_sft(path, tokenizer, max_length)
+        except DataError as exc:  # name the user's file and line, not our temporary copy
+            where = re.match(rf"{re.escape(str(path))}:(\d+)", str(exc))
+            if where is None:
+                raise
+            line = rows[int(where.group(1)) - 1]["_line"]
+            raise DataError(f"{source}:{line}{str(exc)[where.end() :]}") from None
 
 
 def _adapter_dir(opts: DiagnoseOptions) -> tuple[Path, str]:
@@ -347,7 +386,16 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
         )
     torch.manual_seed(opts.seed)
     tokenizer = load_tokenizer(base)
-    examples = _load_examples(rows, tokenizer, opts.max_length)
+    sampled = len(rows)
+    rows, examples = _load_examples(
+        rows, tokenizer, opts.max_length, opts.drop_overlong, source=opts.data
+    )
+    if len(examples) < MIN_EXAMPLES:
+        raise ConfigError(
+            f"only {len(examples)} of the {sampled} sampled examples fit in --max-length "
+            f"{opts.max_length}: the stability estimate needs at least {MIN_EXAMPLES}; "
+            "raise --max-length"
+        )
     peft_model = _peft_model(opts, base)
     layers = opts.layers or None
     t0 = time.monotonic()
@@ -386,7 +434,12 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
         **result.to_dict(),
         "recommended": rec,
         **_example_report(rows, result, opts.top),
-        "data": {"path": str(Path(opts.data).resolve()), "sha256": sha256_file(opts.data)},
+        "data": {
+            "path": str(Path(opts.data).resolve()),
+            "sha256": sha256_file(opts.data),
+            "sampled": sampled,
+            "used": len(examples),  # fewer with --drop-overlong
+        },
         "base": str(Path(base).resolve()),
         "theta": {
             "adapter": str(Path(opts.adapter).resolve()) if opts.adapter else "fitted",
@@ -408,6 +461,7 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
                 "lora_alpha",
                 "target_modules",
                 "max_length",
+                "drop_overlong",
                 "member",
             )
         },

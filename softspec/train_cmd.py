@@ -30,6 +30,7 @@ def diagnose_for(cfg: TrainConfig) -> dict[str, Any]:
         lora_alpha=cfg.lora_alpha,
         target_modules=cfg.target_modules,
         max_length=min(cfg.max_length, 256),
+        drop_overlong=True,  # a sample for the estimate: an example too long for 256 tokens is left out
     )
     return diagnose(opts)
 

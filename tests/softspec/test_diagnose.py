@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from ensemble.errors import ConfigError
 from softspec.cli import main
 from softspec.diagnose import DiagnoseOptions, diagnose
+from training.data import DataError
 
 QUESTIONS = [
     "what color is the sky",
@@ -174,6 +176,27 @@ def test_too_few_examples_in_the_file(tiny_llama_dir: Path, tmp_path: Path) -> N
     path.write_text("".join(json.dumps(_row(q, "yes", "a")) + "\n" for q in QUESTIONS[:5]))
     with pytest.raises(ConfigError, match="only 5 examples.*at least 8"):
         diagnose(_options(path, tiny_llama_dir))
+
+
+def test_drop_overlong_keeps_the_report_aligned(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Overlong rows are an error by default; with --drop-overlong they are left out and
+    every reported example is a row that was kept (no index shift)."""
+    rows = [_row(q, "THE QUICK BROWN FOX", "upper") for q in QUESTIONS]
+    rows += [_row(q, "the quick brown fox", "lower") for q in QUESTIONS]
+    long_prompt = " ".join(["word"] * 200)
+    rows.insert(3, _row(long_prompt, "never reached", "overlong"))
+    rows.insert(12, _row(long_prompt + " again", "never reached", "overlong"))
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:4: .*--drop-overlong"):
+        diagnose(_options(path, tiny_llama_dir, examples=22))
+    report = diagnose(_options(path, tiny_llama_dir, examples=22, drop_overlong=True))
+    assert report["data"]["sampled"] == 22 and report["data"]["used"] == 20
+    assert "overlong" not in report["groups"]
+    assert {g: v["examples"] for g, v in report["groups"].items()} == {"upper": 10, "lower": 10}
+    for top in report["top_examples"]:  # line numbers point at the row the text came from
+        row = rows[top["line"] - 1]
+        assert top["group"] == row["source"] and top["prompt"] == row["prompt"][0]["content"]
 
 
 def test_train_alpha_auto_records_the_diagnosis(
