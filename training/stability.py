@@ -157,6 +157,19 @@ class StabilityResult:
         total = sq.sum()
         return sq / total if total > 0 else sq
 
+    @property
+    def mean_gradient_share(self) -> float:
+        """Share of λ_max due to the mean gradient ḡ: (Σ_i g_iᵀu)² / (n Σ_i (g_iᵀu)²).
+
+        J = J_c + n ḡḡᵀ with J_c the centred scatter; at an exact optimum ḡ = 0. A share
+        near 1 means the top direction is mostly θ*'s remaining descent direction (an
+        unfinished fit), not a split between examples; near 0 means the examples pull
+        against each other along it.
+        """
+        total = float((self.loadings**2).sum())
+        n = len(self.loadings)
+        return float(self.loadings.sum()) ** 2 / (n * total) if total > 0 and n else 0.0
+
     def top_examples(self, k: int = 10) -> list[tuple[int, float, float]]:
         """(index, share, signed loading) of the k examples that load most on u."""
         order = np.argsort(-self.shares, kind="stable")[:k]
@@ -178,6 +191,7 @@ class StabilityResult:
             "lambda_history": self.history,
             "v_subspace_eigen_range": list(self.v_eigen_range),
             "j_trace": self.j_trace,
+            "mean_gradient_share": self.mean_gradient_share,
             "seconds": self.seconds,
         }
 

@@ -44,6 +44,19 @@ def test_gaussian_closed_form(c: float) -> None:
     assert sum(result.loadings**2) == pytest.approx(result.lambda_max)
 
 
+def test_mean_gradient_share_separates_an_unfinished_fit_from_a_split() -> None:
+    """Data ±c: at the MLE the examples pull against each other (share 0); at θ = t ≠ 0
+    each g_i = x_i − t, so (Σ g_i)²/(n Σ g_i²) = n²t² / (n (n c² + n t²)) = t²/(c² + t²)."""
+    c, t = 1.0, 2.0
+    at_optimum = estimate(gaussian(c))
+    assert at_optimum.mean_gradient_share == pytest.approx(0.0, abs=1e-12)
+    shifted = gaussian(c)
+    shifted.theta = torch.full((1,), t, dtype=torch.float64)
+    result = estimate(shifted)
+    assert result.mean_gradient_share == pytest.approx(t**2 / (c**2 + t**2), rel=1e-12)
+    assert result.to_dict()["mean_gradient_share"] == result.mean_gradient_share
+
+
 def logistic_problem(d: int = 6, n: int = 300, seed: int = 0):  # type: ignore[no-untyped-def]
     """A misspecified logistic regression (labels depend on x²), fitted by Newton.
 
