@@ -119,7 +119,9 @@ class Uncertainty:
     ``disagreement`` (fraction of member pairs with different answers, in [0, 1]) are
     ``None`` in token decoding mode. ``novelty`` and ``prompt_novelty`` (nats per token)
     compare the members with the base model on the answer and on the prompt: high when
-    what the members learned does not bear on the input. ``combined`` (in [0, 1]) is
+    what the members learned does not bear on the input. ``prompt_distance`` is the squared
+    Mahalanobis distance of the prompt's base-model representation from the training
+    prompts' (``None`` when the ensemble has no such reference). ``combined`` (in [0, 1]) is
     1 − the Bonferroni-combined in-distribution p-value of its component scores, ``None``
     when the ensemble has no gate calibration. ``per_token`` is present only when asked for.
     """
@@ -131,6 +133,7 @@ class Uncertainty:
     disagreement: float | None = None
     novelty: float | None = None
     prompt_novelty: float | None = None
+    prompt_distance: float | None = None
     combined: float | None = None
     per_token: list[TokenUncertainty] | None = None
 
@@ -145,6 +148,7 @@ class Uncertainty:
             disagreement=_opt_float(d.get("disagreement")),
             novelty=_opt_float(d.get("novelty")),
             prompt_novelty=_opt_float(d.get("prompt_novelty")),
+            prompt_distance=_opt_float(d.get("prompt_distance")),
             combined=_opt_float(d.get("combined")),
             per_token=None
             if per_token is None

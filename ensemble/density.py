@@ -19,11 +19,19 @@ Solved through the eigendecomposition of the symmetric Σ_s (no explicit inverse
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["GaussianReference", "fit_gaussian"]
+__all__ = [
+    "REFERENCE_FILE",
+    "GaussianReference",
+    "fit_gaussian",
+    "load_reference",
+    "pool_user_span",
+    "reference_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -67,4 +75,48 @@ def fit_gaussian(reference: ArrayLike, shrinkage: float = 0.1) -> GaussianRefere
     shrunk = (1.0 - shrinkage) * cov + shrinkage * scale * np.eye(d)
     values, vectors = np.linalg.eigh(shrunk)  # all ≥ shrinkage · scale > 0
     whiten = (vectors / np.sqrt(values)).T
+    return GaussianReference(mean=mean, whiten=whiten, shrinkage=shrinkage, n=n)
+
+
+# --------------------------------------------------------------------------- persistence
+
+REFERENCE_FILE = "reference.npz"
+
+
+def pool_user_span(hidden: ArrayLike, span: tuple[int, int]) -> NDArray[np.float64]:
+    """Mean of the per-token hidden states (T × d) over ``span`` = [start, end) of the prompt."""
+    h = np.asarray(hidden, dtype=np.float64)
+    start, end = span
+    if h.ndim != 2 or not 0 <= start < end <= h.shape[0]:
+        raise ValueError(f"cannot pool span {span} of hidden states shaped {h.shape}")
+    return np.asarray(h[start:end].mean(0))
+
+
+def reference_bytes(ref: GaussianReference) -> bytes:
+    """The reference as an ``.npz`` archive (no pickles): mean, whiten, shrinkage, n."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        mean=ref.mean,
+        whiten=ref.whiten,
+        shrinkage=np.float64(ref.shrinkage),
+        n=np.int64(ref.n),
+    )
+    return buf.getvalue()
+
+
+def load_reference(path: str | Path) -> GaussianReference:
+    """Read a reference written from :func:`reference_bytes`; ``ValueError`` if malformed."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mean = np.asarray(z["mean"], dtype=np.float64)
+            whiten = np.asarray(z["whiten"], dtype=np.float64)
+            shrinkage, n = float(z["shrinkage"]), int(z["n"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path} is not a prompt-distance reference ({exc})") from exc
+    d = mean.shape[0] if mean.ndim == 1 else -1
+    if whiten.shape != (d, d) or not (np.isfinite(mean).all() and np.isfinite(whiten).all()):
+        raise ValueError(f"{path}: mean {mean.shape} and whiten {whiten.shape} do not match")
     return GaussianReference(mean=mean, whiten=whiten, shrinkage=shrinkage, n=n)

@@ -36,6 +36,7 @@ __all__ = [
     "ADAPTER_FILE",
     "FORMAT",
     "MANIFEST_FILE",
+    "DensitySpec",
     "EnsembleManifest",
     "GateSpec",
     "LoraSpec",
@@ -127,6 +128,31 @@ class GateSpec(_Model):
         return v
 
 
+class DensitySpec(_Model):
+    """The reference of the ``prompt_distance`` score (``ensemble/density.py``): a Gaussian
+    fitted to the base model's pooled last-layer hidden states of the training prompts."""
+
+    file: str = Field(default="reference.npz", description="relative to the ensemble directory")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    layer: Literal["last"] = Field(
+        default="last", description="the base's final hidden states (after its last norm)"
+    )
+    pooling: Literal["user"] = Field(
+        default="user", description="mean over the tokens of the user's text (template left out)"
+    )
+    shrinkage: float = Field(gt=0.0, le=1.0)
+    n: int = Field(ge=2, description="distinct training prompts the Gaussian was fitted to")
+    dim: int = Field(ge=1)
+    source: str = ""
+
+    @field_validator("file")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if Path(v).is_absolute() or ".." in Path(v).parts:
+            raise ValueError(f"the reference file must be inside the ensemble directory, got {v!r}")
+        return v
+
+
 class EnsembleManifest(_Model):
     """``ensemble.json``: everything needed to serve an ensemble (docs/ensemble-format.md)."""
 
@@ -139,6 +165,16 @@ class EnsembleManifest(_Model):
     lora: LoraSpec
     training: dict[str, Any] = Field(default_factory=dict)
     gate: GateSpec = Field(default_factory=GateSpec)
+    density: DensitySpec | None = Field(
+        default=None, description="reference of the prompt_distance score (absent: not served)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_density(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("density") is None:
+            data.pop("density", None)
+        return data
 
     @field_validator("name")
     @classmethod
@@ -232,7 +268,27 @@ def load(root: str | Path, *, verify: bool = True) -> EnsembleManifest:
         raise ManifestError(f"{path}: field {where}: {first['msg']}") from exc
     if verify:
         verify_adapters(manifest, root)
+        verify_reference(manifest, root)
     return manifest
+
+
+def verify_reference(manifest: EnsembleManifest, root: Path) -> None:
+    """Check that the prompt-distance reference (when recorded) exists and matches its sha256."""
+    spec = manifest.density
+    if spec is None:
+        return
+    path = Path(root) / spec.file
+    if not path.is_file():
+        raise ManifestError(
+            f"density: {path} is missing; restore it, or remove the manifest's 'density' entry "
+            "to serve without prompt_distance"
+        )
+    digest = sha256_file(path)
+    if digest != spec.sha256:
+        raise ManifestError(
+            f"density: {path} has sha256 {digest[:12]}…, the manifest records {spec.sha256[:12]}…; "
+            "the reference changed after it was fitted: refit it (`softspec reference`) or restore it"
+        )
 
 
 def verify_adapters(manifest: EnsembleManifest, root: Path) -> None:

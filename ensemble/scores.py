@@ -14,6 +14,7 @@ __all__ = [
     "COMBINED_COMPONENTS",
     "DEFAULT_GATE_SCORE",
     "DEFAULT_GATE_THRESHOLD",
+    "DISTANCE_COMPONENTS",
     "EVAL_SCORES",
     "GATE_SCORES",
     "MIN_CALIBRATION",
@@ -32,6 +33,9 @@ class Score(StrEnum):
     DISAGREEMENT = "disagreement"  # fraction of member pairs with different answers
     NOVELTY = "novelty"  # answer: mean log q_base − log q̄ per token (ensemble/novelty.py)
     PROMPT_NOVELTY = "prompt_novelty"  # the same on the prompt's tokens
+    # squared Mahalanobis distance of the prompt's pooled base hidden state from the training
+    # prompts' (ensemble/density.py); served when the manifest has a `density` reference
+    PROMPT_DISTANCE = "prompt_distance"
     COMBINED = "combined"  # 1 − Bonferroni min p-value vs in-distribution calibration
 
 
@@ -56,7 +60,11 @@ DEFAULT_GATE_THRESHOLD = 0.5
 # AUROC 0.65 vs 0.89) did not raise the AUROC and, through the Bonferroni factor, doubles
 # the calibration prompts a 5 % gate needs (m / (n + 1) ≤ rate).
 COMBINED_COMPONENTS: tuple[str, ...] = (Score.PROMPT_NOVELTY.value,)
+# With a `density` reference the components are prompt_distance alone: on the 187 test
+# prompts of bench/ood_embedding.py the last-layer distance scored OOD AUROC 0.965, against
+# 0.941 for `combined` over {prompt_novelty, distance} and 0.787 for prompt_novelty.
+DISTANCE_COMPONENTS: tuple[str, ...] = (Score.PROMPT_DISTANCE.value,)
 # The scores known from the prompt alone, before any member generates: a gate on them (or
 # on `combined` built only from them) can abstain or escalate without generating.
-PROMPT_SCORES: frozenset[str] = frozenset({Score.PROMPT_NOVELTY.value})
+PROMPT_SCORES: frozenset[str] = frozenset({Score.PROMPT_NOVELTY.value, Score.PROMPT_DISTANCE.value})
 MIN_CALIBRATION = 20

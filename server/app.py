@@ -8,13 +8,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ensemble import manifest as manifest_io
+from ensemble.density import GaussianReference, load_reference
 from ensemble.errors import ConfigError
+from ensemble.scores import Score
 from server.admission import Admission
 from server.engine import Engine
 from server.errors import PayloadTooLargeError, error_response, install_error_handlers
@@ -138,6 +141,34 @@ def gate_policy(settings: Settings, manifest: manifest_io.EnsembleManifest) -> G
     )
 
 
+def _reference(
+    settings: Settings, manifest: manifest_io.EnsembleManifest, engine: Engine, gate: GatePolicy
+) -> GaussianReference | None:
+    """The ``prompt_distance`` reference when the ensemble has one and the engine can embed;
+    a gate that needs the score on an engine that cannot embed is refused at start-up."""
+    needed = gate.score_name == Score.PROMPT_DISTANCE.value or (
+        gate.score_name == Score.COMBINED.value
+        and manifest.gate.calibration is not None
+        and manifest.gate.calibration.components == [Score.PROMPT_DISTANCE.value]
+    )
+    if manifest.density is None or not engine.supports_embed:
+        if needed:
+            raise ConfigError(
+                f"the gate score {gate.score_name} needs prompt_distance, which needs "
+                + (
+                    "an embedder: pass --embed-url (a vLLM pooling server of the base model) "
+                    "or omit --vllm-url so that serve starts one"
+                    if manifest.density is not None
+                    else "a reference in the ensemble: run `softspec reference`"
+                )
+            )
+        return None
+    try:
+        return load_reference(Path(settings.ensemble) / manifest.density.file)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; refit it with `softspec reference`") from exc
+
+
 def create_app(
     settings: Settings,
     engine_factory: Callable[[manifest_io.EnsembleManifest, Metrics], Engine],
@@ -167,6 +198,7 @@ def create_app(
         raise ConfigError(str(exc)) from exc
     metrics = Metrics()
     engine = engine_factory(manifest, metrics)
+    reference = _reference(settings, manifest, engine, gate)
     fallback = None
     if settings.fallback_url is not None:
         fallback = Fallback(
@@ -216,7 +248,7 @@ def create_app(
     app.state.service = EnsembleService(
         manifest, engine, gate, metrics, top_n=settings.top_logprobs, fallback=fallback,
         fallback_on_error=GateAction(settings.fallback_on_error),
-        allow_loosen=settings.gate_allow_loosen,
+        allow_loosen=settings.gate_allow_loosen, reference=reference,
     )  # fmt: skip
     install_error_handlers(app)
     app.include_router(open_router)

@@ -99,6 +99,7 @@ class Engine(ABC):
 
     kind: str = "abstract"
     supports_token_decode: bool = False
+    supports_embed: bool = False  # can return the base's hidden states (prompt_distance)
     max_model_len: int = 2048
 
     async def start(self) -> None:  # noqa: B027 - optional hook
@@ -158,6 +159,11 @@ class Engine(ABC):
             *(self.score(m, prompt_ids, seqs, top_n) for m, seqs in todo.items())
         )
         return dict(zip(todo, results, strict=True))
+
+    async def embed(self, prompt_ids: Sequence[int]) -> Any:
+        """(T, d) float64 array: the base model's last-layer hidden state (after its final
+        norm, adapters off) of every prompt token; only when :attr:`supports_embed`."""
+        raise NotImplementedError(f"the {self.kind} engine cannot embed prompts")
 
     def decode_mixture(
         self,

@@ -27,6 +27,7 @@ from server.engine import Engine
 from server.gate import GateAction
 from server.metrics import Metrics
 from server.settings import Settings
+from server.supervisor import ChildGroup, Restartable
 from server.vllm_args import ensemble_adapters, ensemble_model
 from server.vllm_process import VLLMProcess, _port_free
 
@@ -34,6 +35,7 @@ __all__ = [
     "EngineChoice",
     "EngineFactory",
     "build_parser",
+    "embedder_process",
     "run_serve",
     "settings_from_args",
     "vllm_engine",
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", type=Path, help="ensemble directory (ensemble.json)")
     p.add_argument("--engine", choices=["vllm", "local"], help="vllm (default) or local")
     p.add_argument("--vllm-url", help="use this running vLLM server instead of starting one")
+    p.add_argument("--embed-url", help="use this running vLLM pooling server for prompt_distance")
     p.add_argument("--base-model", help="override the manifest's base model path")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
@@ -121,7 +124,7 @@ def vllm_engine(settings: Settings, url: str | None) -> EngineFactory:
             )
         return VLLMEngine(
             url, manifest, timeout=settings.request_timeout, metrics=metrics,
-            max_model_len=settings.max_model_len,
+            max_model_len=settings.max_model_len, embed_url=settings.embed_url,
         )  # fmt: skip
 
     return vllm
@@ -140,6 +143,26 @@ def vllm_process(settings: Settings, manifest: manifest_io.EnsembleManifest) -> 
         extra_args=settings.vllm_args,
         startup_timeout=settings.vllm_startup_timeout,
     )
+
+
+def embedder_process(settings: Settings, manifest: manifest_io.EnsembleManifest) -> VLLMProcess:
+    """The ``prompt_distance`` embedder child: the base model as a vLLM pooling model."""
+    return VLLMProcess(
+        model=ensemble_model(Path(settings.ensemble), manifest, settings),
+        max_model_len=settings.max_model_len,
+        dtype=settings.vllm_dtype,
+        startup_timeout=settings.vllm_startup_timeout,
+        embedder=True,
+    )
+
+
+def _start_all(children: Sequence[VLLMProcess]) -> None:
+    """Spawn every child from this thread (a child dies with the thread that spawned it:
+    ``PR_SET_PDEATHSIG``), then wait until each answers: the start-ups overlap."""
+    for c in children:
+        c.start(wait=False)
+    for c in children:
+        c.wait_ready()
 
 
 EXIT_ENGINE_LOST = 3  # vLLM could not be restarted: an outer supervisor should take over
@@ -166,16 +189,33 @@ def run_serve(argv: Sequence[str], choose_engine: EngineChoice = vllm_engine) ->
     manifest = manifest_io.load(settings.ensemble)
     if not _port_free(settings.host, settings.port):
         raise ConfigError(f"port {settings.port} on {settings.host} is in use: pass another --port")
-    child: VLLMProcess | None = None
+    children: list[VLLMProcess] = []
     url = settings.vllm_url
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # stop the child on SIGTERM too
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # stop the children on SIGTERM too
     try:
         if settings.engine == "vllm" and url is None:
-            child = vllm_process(settings, manifest)
-            print(f"softspec: starting vLLM for {len(manifest.members)} members", file=sys.stderr)
-            child.start()
-            url = child.url
-            print(f"softspec: vLLM ready at {url} (log {child.log_path})", file=sys.stderr)
+            children.append(vllm_process(settings, manifest))
+            if manifest.density is not None and settings.embed_url is None:
+                children.append(embedder_process(settings, manifest))
+            what = " and the prompt_distance embedder" if len(children) > 1 else ""
+            print(f"softspec: starting vLLM for {len(manifest.members)} members{what}",
+                  file=sys.stderr)  # fmt: skip
+            _start_all(children)
+            url = children[0].url
+            if len(children) > 1:
+                settings = settings.model_copy(update={"embed_url": children[1].url})
+            for c in children:
+                print(f"softspec: vLLM ready at {c.url} (log {c.log_path})", file=sys.stderr)
+        elif settings.engine == "vllm" and manifest.density is not None and not settings.embed_url:
+            log.warning(
+                "prompt_distance is not served: the ensemble has a reference but no embedder; "
+                "pass --embed-url (a vLLM pooling server of the base) or omit --vllm-url"
+            )
+        child: Restartable | None = None
+        if len(children) == 1:
+            child = children[0]
+        elif children:
+            child = ChildGroup(*children)
         lost: list[str] = []
         server: uvicorn.Server | None = None
 
@@ -205,7 +245,7 @@ def run_serve(argv: Sequence[str], choose_engine: EngineChoice = vllm_engine) ->
     except _Terminated:
         print("softspec: stopped (SIGTERM)", file=sys.stderr)
     finally:
-        if child is not None:
-            child.stop()
+        for c in children:
+            c.stop()
         signal.signal(signal.SIGTERM, previous)
     return 0

@@ -2,7 +2,10 @@
 
 Beside the members, the base model (adapters off, :data:`server.engine.BASE`) scores the
 prompt and the candidates, for the base-relative scores ``prompt_novelty`` and ``novelty``
-(:mod:`ensemble.novelty`); the prompt is scored together with the cross-scoring.
+(:mod:`ensemble.novelty`); the prompt is scored together with the cross-scoring. With a
+``density`` reference in the manifest and an engine that can embed prompts, the base's
+hidden states of the prompt give ``prompt_distance`` (:mod:`ensemble.density`), fetched
+while the members generate.
 
 The service is HTTP-agnostic: routes turn protocol models into a :class:`Job`, call
 :meth:`EnsembleService.run` (or :meth:`EnsembleService.stream_tokens` in token mode) and
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ensemble.calibration import combined_score
+from ensemble.density import GaussianReference, pool_user_span
 from ensemble.errors import ConfigError
 from ensemble.manifest import EnsembleManifest
 from ensemble.math import responsibilities
@@ -119,8 +123,10 @@ class EnsembleService:
         fallback: Fallback | None = None,
         fallback_on_error: GateAction = GateAction.ABSTAIN,
         allow_loosen: bool = False,
+        reference: GaussianReference | None = None,
     ) -> None:
         self.manifest = manifest
+        self.reference = reference if engine.supports_embed else None
         self.engine = engine
         self.gate = gate
         self.metrics = metrics
@@ -230,12 +236,22 @@ class EnsembleService:
         usage = Usage()
         span = await self._content_span(job, prompt)
         known: dict[str, TokenScores] | None = None
+        distance: float | None = None
         if early and self.gate_for(job).can_decide_early:
-            known = await self._score_prompt(job.members, prompt, span, usage)
-            stopped = self._decide_early(job, known, usage)
+            scored, distance = await asyncio.gather(
+                self._score_prompt(job.members, prompt, span, usage),
+                self._prompt_distance(prompt, span),
+            )
+            known = scored
+            stopped = self._decide_early(job, scored, distance, usage)
             if stopped is not None:
                 return stopped
-        gens = await self.engine.generate_all(job.members, prompt, job.params)
+            gens = await self.engine.generate_all(job.members, prompt, job.params)
+        else:  # the embedder is another server: it runs while the members generate
+            gens, distance = await asyncio.gather(
+                self.engine.generate_all(job.members, prompt, job.params),
+                self._prompt_distance(prompt, span),
+            )
         generations = [g for per_member in gens for g in per_member]
         usage.prompt_tokens += len(prompt) * len(job.members)
         usage.completion_tokens += sum(len(g.token_ids) for g in generations)
@@ -263,10 +279,15 @@ class EnsembleService:
         outcome.uncertainty[Score.PROMPT_NOVELTY.value] = self._prompt_novelty(
             job.members, prompt_scores, lw
         )
+        outcome.uncertainty[Score.PROMPT_DISTANCE.value] = distance
         return await self._finish(job, cands, outcome, usage)
 
     def _decide_early(
-        self, job: Job, prompt_scores: dict[str, TokenScores], usage: Usage
+        self,
+        job: Job,
+        prompt_scores: dict[str, TokenScores],
+        distance: float | None,
+        usage: Usage,
     ) -> Outcome | None:
         """The gate on the prompt's scores alone: an :class:`Outcome` without an answer
         when it fires (abstain / escalate), ``None`` to go on generating."""
@@ -276,6 +297,7 @@ class EnsembleService:
             return None  # nothing to score (an empty user span): decide on the answer
         uncertainty: dict[str, Any] = dict.fromkeys(ANSWER_SCORES)
         uncertainty[Score.PROMPT_NOVELTY.value] = pn
+        uncertainty[Score.PROMPT_DISTANCE.value] = distance
         self._with_combined(uncertainty)
         policy = self.gate_for(job)
         if any(uncertainty.get(p.score_name) is None for p in policy.policies):
@@ -320,6 +342,15 @@ class EnsembleService:
         res = await self.engine.score_all(prompt[:start], todo, top_n=0)
         usage.prompt_tokens += end * len(who)
         return {m: res[m][0] for m in who}
+
+    async def _prompt_distance(self, prompt: list[int], span: tuple[int, int]) -> float | None:
+        """Squared Mahalanobis distance of the user span's mean base hidden state from the
+        training prompts' (``None`` without a reference or an engine that embeds)."""
+        start, end = span
+        if self.reference is None or end <= start:
+            return None
+        hidden = await self.engine.embed(prompt)
+        return float(self.reference.distance(pool_user_span(hidden, span)))
 
     @staticmethod
     def _prompt_novelty(
@@ -425,8 +456,11 @@ class EnsembleService:
         if self.gate_for(job).can_decide_early:
             usage = Usage()
             span = await self._content_span(job, prompt)
-            scores = await self._score_prompt(job.members, prompt, span, usage)
-            stopped = self._decide_early(job, scores, usage)
+            scores, distance = await asyncio.gather(
+                self._score_prompt(job.members, prompt, span, usage),
+                self._prompt_distance(prompt, span),
+            )
+            stopped = self._decide_early(job, scores, distance, usage)
             if stopped is not None:
                 yield stopped
                 return
@@ -449,6 +483,7 @@ class EnsembleService:
         }
         span = await self._content_span(job, prompt)
         uncertainty.update(await self._token_novelty(job.members, prompt, span, steps, lw))
+        uncertainty[Score.PROMPT_DISTANCE.value] = await self._prompt_distance(prompt, span)
         self._with_combined(uncertainty)
         gate = self.gate_for(job).decide(uncertainty)
         self._observe(uncertainty, gate)

@@ -30,6 +30,11 @@ class Settings(VLLMShape, BaseSettings):
     ensemble: Path = Field(description="ensemble directory (ensemble.json + adapters/)")
     engine: Literal["vllm", "local"] = "vllm"
     vllm_url: str | None = Field(default=None, description="external vLLM server; else start one")
+    embed_url: str | None = Field(
+        default=None,
+        description="external vLLM pooling server of the base model (prompt_distance); without "
+        "it serve starts one when it starts vLLM and the ensemble has a reference",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_keys: list[str] = Field(

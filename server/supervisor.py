@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 from server.errors import UpstreamUnavailableError
 from server.metrics import Metrics
 
-__all__ = ["EngineSupervisor", "Restartable"]
+__all__ = ["ChildGroup", "EngineSupervisor", "Restartable", "Spawnable"]
 
 log = logging.getLogger("softspec.server")
 
@@ -41,7 +41,8 @@ EXIT_POLL = 0.2  # seconds between checks that the child is still running (a che
 class Restartable(Protocol):
     """What the supervisor needs of a child process (:class:`server.vllm_process.VLLMProcess`)."""
 
-    startup_seconds: float | None
+    @property
+    def startup_seconds(self) -> float | None: ...
 
     def running(self) -> bool: ...
 
@@ -198,3 +199,41 @@ class EngineSupervisor:
         self.detail = "healthy"
         self.down_since = None
         self.metrics.engine_up.set(1)
+
+
+class Spawnable(Restartable, Protocol):
+    """A child that can be spawned without waiting (:class:`server.vllm_process.VLLMProcess`)."""
+
+    def restart(self, wait: bool = True) -> None: ...
+
+    def wait_ready(self) -> None: ...
+
+
+class ChildGroup:
+    """Several children supervised as one engine (the vLLM server and the ``prompt_distance``
+    embedder): down when any is down; a restart starts again the ones that exited (all of
+    them when none did, i.e. when the health checks failed), spawning each from the calling
+    thread (a child dies with the thread that spawned it) and then waiting for all."""
+
+    def __init__(self, *children: Spawnable) -> None:
+        if not children:
+            raise ValueError("a child group needs at least one child")
+        self.children = children
+
+    @property
+    def startup_seconds(self) -> float | None:
+        known = [c.startup_seconds for c in self.children if c.startup_seconds is not None]
+        return max(known) if known else None
+
+    def running(self) -> bool:
+        return all(c.running() for c in self.children)
+
+    def exit_code(self) -> int | None:
+        return next((c.exit_code() for c in self.children if not c.running()), None)
+
+    def restart(self) -> None:
+        todo = [c for c in self.children if not c.running()] or list(self.children)
+        for c in todo:
+            c.restart(wait=False)
+        for c in todo:
+            c.wait_ready()  # the first failure propagates (the supervisor retries)

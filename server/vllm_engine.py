@@ -12,6 +12,12 @@ One shared :class:`httpx.AsyncClient` (explicit timeouts) talks to vLLM:
   the base model (the entry without a ``parent``), which scores the base-relative
   ``novelty`` scores with every adapter off — no extra model is loaded for them.
 
+With ``embed_url``, a second vLLM server runs the base model as a pooling model
+(``--runner pooling``, :func:`server.vllm_args.embedder_args`): ``POST /pooling`` with the
+prompt's token ids and ``task: token_embed`` returns the base's last-layer hidden state of
+every prompt token (float32, base64), from which the service computes ``prompt_distance``
+(:mod:`ensemble.density`). Readiness then needs both servers.
+
 Connection failures become 503, timeouts 504, vLLM 5xx 502 and vLLM 4xx a 400 carrying
 vLLM's own message; each is counted per member in the metrics.
 
@@ -26,12 +32,14 @@ to itself; the cost is that base scoring waits for this gateway's adapter calls 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 
 from ensemble.manifest import EnsembleManifest
@@ -49,6 +57,7 @@ from server.metrics import Metrics
 __all__ = ["VLLMEngine"]
 
 _ID_PREFIX = "token_id:"
+EMBEDDER = "@embed"  # the pooling server, as a member label in the metrics
 
 
 def _token_id(key: str) -> int:
@@ -102,8 +111,15 @@ class VLLMEngine(Engine):
         metrics: Metrics | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         max_model_len: int = 2048,
+        embed_url: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.embed_url = embed_url.rstrip("/") if embed_url else None
+        self.supports_embed = self.embed_url is not None
+        self._embedder = UpstreamClient(
+            transport, RuntimeError("VLLMEngine.start() was not called")
+        )
+        self._embed_model: str | None = None
         self.manifest = manifest
         self.timeout = timeout
         self.metrics = metrics
@@ -119,9 +135,12 @@ class VLLMEngine(Engine):
 
     async def start(self) -> None:
         self._upstream.open(httpx.Timeout(self.timeout, connect=5.0), base_url=self.base_url)
+        if self.embed_url is not None:
+            self._embedder.open(httpx.Timeout(self.timeout, connect=5.0), base_url=self.embed_url)
 
     async def close(self) -> None:
         await self._upstream.aclose()
+        await self._embedder.aclose()
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -131,11 +150,18 @@ class VLLMEngine(Engine):
         return self.manifest.served_name(member)
 
     async def _call(
-        self, method: str, path: str, member: str, op: str, body: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        member: str,
+        op: str,
+        body: dict[str, Any] | None = None,
+        client: httpx.AsyncClient | None = None,
     ) -> Any:
         t0 = time.perf_counter()
+        where = self.embed_url if client is not None else self.base_url
         try:
-            resp = await self.client.request(method, path, json=body)
+            resp = await (client or self.client).request(method, path, json=body)
         except httpx.TimeoutException as exc:
             self._count(member, "timeout")
             raise UpstreamTimeoutError(
@@ -144,7 +170,7 @@ class VLLMEngine(Engine):
         except httpx.TransportError as exc:
             self._count(member, "unavailable")
             raise UpstreamUnavailableError(
-                f"the engine at {self.base_url} is unreachable ({type(exc).__name__}); retry later"
+                f"the engine at {where} is unreachable ({type(exc).__name__}); retry later"
             ) from exc
         finally:
             if self.metrics is not None:
@@ -173,7 +199,45 @@ class VLLMEngine(Engine):
         members = {name: self.served(name) in ids for name in self.manifest.member_names}
         missing = [n for n, ok in members.items() if not ok]
         detail = "all members loaded" if not missing else f"adapters not loaded: {missing}"
+        if not missing and self.embed_url is not None:
+            try:
+                await self._embedder_model()
+            except APIError as exc:
+                return ReadyState(False, f"the prompt-distance embedder: {exc.message}", members)
         return ReadyState(not missing, detail, members)
+
+    async def _embedder_model(self) -> str:
+        """The pooling server's model id (asked once it answers; checked at every probe)."""
+        data = await self._call("GET", "/v1/models", EMBEDDER, "models", client=self._embedder.http)
+        entries = data.get("data") or []
+        if not entries:
+            raise UpstreamError("the embedder lists no model")
+        self._embed_model = str(entries[0]["id"])
+        return self._embed_model
+
+    async def embed(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """(T, d) last-layer hidden states of the base on the prompt (the pooling server)."""
+        if self.embed_url is None:
+            raise NotImplementedError("this engine has no embedder (embed_url)")
+        model = self._embed_model or await self._embedder_model()
+        body = {
+            "model": model,
+            "input": list(prompt_ids),
+            "task": "token_embed",
+            "encoding_format": "base64",
+            "embed_dtype": "float32",
+            "endianness": "little",
+        }
+        data = await self._call(
+            "POST", "/pooling", EMBEDDER, "embed", body, client=self._embedder.http
+        )
+        try:
+            raw = np.frombuffer(base64.b64decode(data["data"][0]["data"]), dtype="<f4")
+            return raw.reshape(len(prompt_ids), -1).astype(np.float64)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise UpstreamError(
+                f"the embedder returned no hidden states for {len(prompt_ids)} tokens ({exc})"
+            ) from exc
 
     def _learn_models(self, data: dict[str, Any]) -> None:
         """Context length and the base model's id (the entry that is not an adapter)."""

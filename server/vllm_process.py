@@ -25,7 +25,7 @@ from types import TracebackType
 import httpx
 
 from ensemble.errors import SoftspecError
-from server.vllm_args import VLLM_MODULE, cuda_available, server_args
+from server.vllm_args import VLLM_MODULE, cuda_available, embedder_args, server_args
 
 __all__ = ["EngineStartError", "VLLMProcess", "die_with_parent", "free_port"]
 
@@ -52,6 +52,8 @@ class VLLMProcess:
     """A vLLM OpenAI server on loopback serving ``model`` and LoRA ``adapters``.
 
     ``adapters`` maps served names to adapter directories (``--lora-modules name=path``).
+    With ``embedder`` it is instead the base model as a pooling model that returns every
+    prompt token's last hidden state (:func:`server.vllm_args.embedder_args`).
     """
 
     model: str
@@ -65,17 +67,26 @@ class VLLMProcess:
     extra_args: Sequence[str] = ()
     startup_timeout: float = 600.0
     log_path: Path | None = None
+    embedder: bool = False
     startup_seconds: float | None = field(default=None, init=False)  # of the last start
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: object | None = field(default=None, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
     _returncode: int | None = field(default=None, init=False, repr=False)
+    _t0: float = field(default=0.0, init=False, repr=False)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
+        if self.embedder:
+            args = embedder_args(
+                model=self.model, host=self.host, port=self.port,
+                max_model_len=self.max_model_len, dtype=self.dtype, eager=not cuda_available(),
+                extra=self.extra_args,
+            )  # fmt: skip
+            return [sys.executable, "-m", VLLM_MODULE, *args]
         args = server_args(
             model=self.model, adapters=self.adapters, host=self.host, port=self.port,
             max_lora_rank=self.max_lora_rank, max_logprobs=self.max_logprobs,
@@ -92,7 +103,12 @@ class VLLMProcess:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         return env
 
-    def start(self) -> VLLMProcess:
+    def start(self, wait: bool = True) -> VLLMProcess:
+        """Spawn the server and (``wait``) block until it is healthy; without ``wait``
+        call :meth:`wait_ready` later (to start several servers at once).
+
+        The child gets SIGTERM when the *thread* that spawned it ends (``PR_SET_PDEATHSIG``
+        follows the thread), so spawn from a thread that lives as long as the server."""
         if self.port == 0:
             self.port = free_port(self.host)
         elif not _port_free(self.host, self.port):
@@ -101,10 +117,10 @@ class VLLMProcess:
             fd, name = tempfile.mkstemp(prefix="softspec-vllm-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        self._spawn("wb")
+        self._spawn("wb", wait)
         return self
 
-    def restart(self) -> None:
+    def restart(self, wait: bool = True) -> None:
         """Kill the server (whole group), start it again on the same port, wait until healthy.
 
         Blocking (the gateway's supervisor runs it in a thread). Appends to the same log.
@@ -118,14 +134,14 @@ class VLLMProcess:
             if time.monotonic() > deadline:
                 raise EngineStartError(f"port {self.port} on {self.host} stayed in use")
             time.sleep(0.2)
-        self._spawn("ab")
+        self._spawn("ab", wait)
 
-    def _spawn(self, mode: str) -> None:
+    def _spawn(self, mode: str, wait: bool = True) -> None:
         assert self.log_path is not None
         if self._closed:
             raise EngineStartError("the vLLM process was stopped")
         self._log = open(self.log_path, mode)  # noqa: SIM115 - closed in stop()
-        t0 = time.monotonic()
+        self._t0 = time.monotonic()
         self._returncode = None
         self._proc = subprocess.Popen(
             self.command(),
@@ -135,6 +151,11 @@ class VLLMProcess:
             start_new_session=True,
             preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the spawned server is healthy; kill it and raise if it is not."""
         try:
             if self._closed:  # stop() ran in another thread while we were spawning
                 raise EngineStartError("the vLLM process was stopped")
@@ -142,7 +163,7 @@ class VLLMProcess:
         except BaseException:
             self._kill()
             raise
-        self.startup_seconds = time.monotonic() - t0
+        self.startup_seconds = time.monotonic() - self._t0
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

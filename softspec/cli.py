@@ -6,6 +6,7 @@
     softspec serve --ensemble DIR [--engine vllm|local] [--vllm-url URL] [--host H] [--port P]
     softspec eval --ensemble DIR --data FILE [--out DIR]
     softspec diagnose --data FILE [--base M] [--adapter DIR] [--examples N] [--out DIR]
+    softspec reference --ensemble DIR --data FILE [--max-prompts N] [--shrinkage S]
     softspec demo
 
 Heavy dependencies (torch, transformers, vLLM) are imported only by the command that needs
@@ -72,6 +73,12 @@ def _diagnose(args: argparse.Namespace, rest: list[str]) -> int:
     return run_diagnose(rest)
 
 
+def _reference(args: argparse.Namespace, rest: list[str]) -> int:
+    from training.reference import run_reference
+
+    return run_reference(rest)
+
+
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     from softspec.demo import run_demo
 
@@ -119,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
             "choose α and K from the data: the stability criterion α* "
             "(options: softspec diagnose --help)",
         ),
+        (
+            "reference",
+            _reference,
+            "fit an ensemble's prompt_distance reference to its training prompts "
+            "(options: softspec reference --help)",
+        ),
     ]:
         p = sub.add_parser(name, help=text, add_help=False)
         p.set_defaults(handler=handler)
@@ -126,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands whose own parser takes the remaining arguments (and handles --help).
-_PASSTHROUGH = {"train", "serve", "eval", "demo", "diagnose"}
+_PASSTHROUGH = {"train", "serve", "eval", "demo", "diagnose", "reference"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -144,7 +144,7 @@ def _ask(url: str, max_tokens: int) -> list[dict[str, Any]]:
             "total": ans.uncertainty.total, "sequence_epistemic": ans.uncertainty.sequence_epistemic,
             "disagreement": ans.uncertainty.disagreement, "top_member": top, "top_responsibility": resp,
             "novelty": ans.uncertainty.novelty, "prompt_novelty": ans.uncertainty.prompt_novelty,
-            "combined": ans.uncertainty.combined, "gate_score": ans.gate.score,
+            "prompt_distance": ans.uncertainty.prompt_distance, "combined": ans.uncertainty.combined, "gate_score": ans.gate.score,
             "gate_score_name": ans.gate.score_name, "responsibilities": ans.responsibilities,
             "gate": ans.gate.decision,
             "candidates": [{"member": c.member, "text": c.text} for c in ans.candidates or []],
@@ -171,7 +171,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     gate_name = rows[0]["gate_score_name"] if rows else "gate"
     head = (
         f"{'kind':<19} {'prompt':<30} {'answer':<30} {'epist.':>7} {'p.nov.':>7} "
-        f"{'nov.':>7} {gate_name[:8]:>8} {'top member':>11} {'gate':>7}"
+        f"{'nov.':>7} {'p.dist.':>8} {gate_name[:8]:>8} {'top member':>11} {'gate':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -179,7 +179,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"{r['kind']:<19} {_clip(r['prompt'], 30):<30} {_clip(r['answer'], 30):<30} "
             f"{r['epistemic']:>7.3f} {_num(r['prompt_novelty'], 7)} {_num(r['novelty'], 7)} "
-            f"{_num(r['gate_score'], 8)} {top:>11} {r['gate']:>7}"
+            f"{_num(r.get('prompt_distance'), 8, 0)} {_num(r['gate_score'], 8)} {top:>11} "
+            f"{r['gate']:>7}"
         )
     lines.append("")
     for kind in dict.fromkeys(r["kind"] for r in rows):

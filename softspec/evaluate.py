@@ -42,6 +42,7 @@ from ensemble.manifest import load as load_manifest
 from ensemble.scores import (
     BASELINES,
     COMBINED_COMPONENTS,
+    DISTANCE_COMPONENTS,
     EVAL_SCORES,
     GATE_SCORES,
     MIN_CALIBRATION,
@@ -174,7 +175,8 @@ def evaluate_rows(
             "group": row.get("task") or row.get("source") or "",
             "epistemic": u.epistemic, "aleatoric": u.aleatoric, "total": u.total,
             "sequence_epistemic": u.sequence_epistemic, "disagreement": u.disagreement,
-            "novelty": u.novelty, "prompt_novelty": u.prompt_novelty, "combined": u.combined,
+            "novelty": u.novelty, "prompt_novelty": u.prompt_novelty,
+            "prompt_distance": u.prompt_distance, "combined": u.combined,
             "perplexity": -float(np.mean(one_lp)) if one_lp else math.inf,
             "mean_token_entropy": float(np.mean(one_h)) if one_h else math.inf,
             "confidence": float(math.exp(np.mean(mix_lp))) if mix_lp else 0.0,
@@ -248,10 +250,11 @@ def calibrate_gate(
             f"--calibrate-gate needs at least {MIN_CALIBRATION} in-distribution rows "
             f"(ood false or absent), got {len(ind)}"
         )
+    # prompt_distance when the gateway served it for every row (the ensemble has a reference)
+    served = all(p.get(Score.PROMPT_DISTANCE.value) is not None for p in ind)
+    components = DISTANCE_COMPONENTS if served else COMBINED_COMPONENTS
     try:
-        cal, threshold = fit_conformal_gate(
-            ind, COMBINED_COMPONENTS, rate, source=source, delta=delta
-        )
+        cal, threshold = fit_conformal_gate(ind, components, rate, source=source, delta=delta)
     except ValueError as exc:
         raise DataError(f"--calibrate-gate {rate}: {exc}; give more rows or a larger rate") from exc
     return GateSpec(score_name=Score.COMBINED.value, threshold=threshold, calibration=cal)

@@ -4,7 +4,9 @@
 held-out prompt, so a prompt answered twice in conflicting ways is not half trained on),
 trains on the rest, and after the export serves each held-out prompt through the gateway's
 own request path (:class:`server.service.EnsembleService` on the in-process engine, greedy
-answers) to collect the component scores of :data:`ensemble.scores.COMBINED_COMPONENTS`.
+answers) to collect the component scores: ``prompt_distance`` when the ensemble has a
+reference (:data:`ensemble.scores.DISTANCE_COMPONENTS`), else ``prompt_novelty``
+(:data:`ensemble.scores.COMBINED_COMPONENTS`).
 Their sorted values go into the manifest's ``gate.calibration`` with the threshold that
 flags at most ``--gate-rate`` of in-distribution prompts (``ensemble/calibration.py``), so a
 freshly trained ensemble serves with a calibrated gate and no extra step.
@@ -19,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ensemble.calibration import fit_conformal_gate
+from ensemble.density import load_reference
 from ensemble.errors import ConfigError
 from ensemble.manifest import GateSpec
 from ensemble.manifest import load as load_manifest
-from ensemble.scores import COMBINED_COMPONENTS, Score
+from ensemble.scores import COMBINED_COMPONENTS, DISTANCE_COMPONENTS, Score
 
 __all__ = ["fit_gate", "held_out_prompts", "prompt_of"]
 
@@ -70,7 +73,12 @@ def fit_gate(
     manifest = load_manifest(ens_dir)
     engine = LocalEngine(ens_dir, manifest)
     policy = GatePolicy(score_name=Score.EPISTEMIC.value, threshold=float("inf"))
-    service = EnsembleService(manifest, engine, policy, Metrics())
+    reference = None
+    components = COMBINED_COMPONENTS
+    if manifest.density is not None:  # the numbers chose the distance alone (ensemble/scores.py)
+        reference = load_reference(ens_dir / manifest.density.file)
+        components = DISTANCE_COMPONENTS
+    service = EnsembleService(manifest, engine, policy, Metrics(), reference=reference)
 
     async def collect() -> list[dict[str, Any]]:
         await engine.start()
@@ -92,9 +100,7 @@ def fit_gate(
     scores = asyncio.run(collect())
     source = f"{len(prompts)} prompts held out of the training data"
     try:
-        calibration, threshold = fit_conformal_gate(
-            scores, COMBINED_COMPONENTS, rate, source=source
-        )
+        calibration, threshold = fit_conformal_gate(scores, components, rate, source=source)
     except ValueError as exc:
         raise ConfigError(
             f"--gate-rate {rate}: {exc}; raise --gate-calibration or --gate-rate"

@@ -145,6 +145,11 @@ class TrainConfig:
         "at the end of training (0 = off; skipped when the data has too few prompts)",
         default=32,
     )
+    reference_prompts: int = _help(
+        "distinct training prompts the served 'prompt_distance' score's reference is fitted "
+        "to at the end of training (seeded sample; 0 = off)",
+        default=2048,
+    )
     gate_rate: float = _help(
         "the calibrated gate flags at most this fraction of in-distribution prompts",
         default=0.05,
@@ -198,6 +203,10 @@ class TrainConfig:
             (
                 math.isfinite(self.anchor) and self.anchor >= 0,
                 f"--anchor must be >= 0, got {self.anchor}",
+            ),
+            (
+                self.reference_prompts >= 0,
+                f"--reference-prompts must be >= 0 (0 = off), got {self.reference_prompts}",
             ),
             (
                 self.gate_calibration == 0 or self.gate_calibration >= MIN_CALIBRATION,

@@ -68,6 +68,7 @@ class LocalEngine(Engine):
 
     kind = "local"
     supports_token_decode = True
+    supports_embed = True
 
     def __init__(
         self,
@@ -250,6 +251,16 @@ class LocalEngine(Engine):
                 )
             )
         return out
+
+    async def embed(self, prompt_ids: Sequence[int]) -> Any:
+        return await self._run(self._embed, list(prompt_ids))
+
+    def _embed(self, prompt: list[int]) -> Any:
+        """The base's last hidden states (adapters off): what vLLM's pooling runner returns."""
+        out = self.model(
+            input_ids=torch.tensor([prompt]), adapter_names=[PEFT_BASE], output_hidden_states=True
+        )
+        return out.hidden_states[-1][0].double().numpy()
 
     # ------------------------------------------------------------------ token mode
 

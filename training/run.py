@@ -227,6 +227,8 @@ def train_ensemble(cfg: TrainConfig) -> TrainResult:
         if eval_loss is not None:
             training["eval_loss"] = round(float(eval_loss), 6)
         export_ensemble(ens, cfg, str(Path(cfg.base).resolve()), cfg.run_dir, training)
+        if cfg.reference_prompts:
+            _fit_reference(cfg, held_out)
         if calibration:
             _calibrate(cfg, calibration)
         if not cfg.keep_checkpoints:
@@ -301,6 +303,22 @@ def _calibration_split(cfg: TrainConfig) -> tuple[list[list[dict[str, str]]], fr
         )
         return [], frozenset()
     return held_out_prompts(rows, cfg.gate_calibration, cfg.seed)
+
+
+def _fit_reference(cfg: TrainConfig, held_out: frozenset[int]) -> None:
+    """The prompt_distance reference, fitted to the trained-on prompts (not the held-out)."""
+    from training.data import read_rows
+    from training.reference import MIN_REFERENCE, fit_reference, reference_prompts
+
+    prompts = reference_prompts(read_rows(cfg.data), cfg.reference_prompts, cfg.seed, held_out)
+    if len(prompts) < MIN_REFERENCE:
+        print(
+            f"softspec train: prompt_distance is not served: {cfg.data} has {len(prompts)} "
+            f"distinct training prompts, fewer than {MIN_REFERENCE}",
+            file=sys.stderr,
+        )
+        return
+    fit_reference(Path(cfg.out), prompts, source=f"{len(prompts)} distinct training prompts")
 
 
 def _calibrate(cfg: TrainConfig, prompts: list[list[dict[str, str]]]) -> None:

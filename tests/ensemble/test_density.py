@@ -61,3 +61,38 @@ def test_bad_input_is_refused() -> None:
         fit_gaussian(np.array([[0.0, np.nan], [1.0, 2.0]]))
     with pytest.raises(ValueError, match="dimension"):
         fit_gaussian(np.random.default_rng(0).normal(size=(5, 3))).distance(np.ones(4))
+
+
+def test_reference_survives_a_round_trip_through_its_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ensemble.density import load_reference, reference_bytes
+
+    x = np.random.default_rng(3).normal(size=(30, 5))
+    ref = fit_gaussian(x, 0.2)
+    path = tmp_path / "r.npz"
+    path.write_bytes(reference_bytes(ref))
+    back = load_reference(path)
+    assert (back.shrinkage, back.n) == (0.2, 30)
+    probe = np.random.default_rng(4).normal(size=(7, 5))
+    np.testing.assert_array_equal(back.distance(probe), ref.distance(probe))
+
+
+def test_a_malformed_reference_file_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ensemble.density import load_reference
+
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="is not a prompt-distance reference"):
+        load_reference(bad)
+    np.savez(tmp_path / "shape.npz", mean=np.zeros(3), whiten=np.eye(2), shrinkage=0.1, n=4)
+    with pytest.raises(ValueError, match="do not match"):
+        load_reference(tmp_path / "shape.npz")
+
+
+def test_user_span_pooling_is_the_mean_of_those_rows() -> None:
+    from ensemble.density import pool_user_span
+
+    h = np.arange(20.0).reshape(5, 4)
+    np.testing.assert_array_equal(pool_user_span(h, (1, 4)), h[1:4].sum(0) / 3)
+    for bad in [(3, 3), (0, 6), (-1, 2)]:
+        with pytest.raises(ValueError, match="cannot pool span"):
+            pool_user_span(h, bad)

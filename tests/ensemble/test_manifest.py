@@ -147,3 +147,34 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:
         (tmp / "new").write_text("y")
     assert sorted(p.name for p in target.iterdir()) == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["ens"]
+
+
+def _with_reference(root: Path) -> mf.EnsembleManifest:
+    from ensemble.density import REFERENCE_FILE, fit_gaussian, reference_bytes
+
+    m = make_ensemble(root)
+    ref = fit_gaussian(np.random.default_rng(0).normal(size=(12, 3)), 0.1)
+    (root / REFERENCE_FILE).write_bytes(reference_bytes(ref))
+    spec = mf.DensitySpec(sha256=sha256_file(root / REFERENCE_FILE), shrinkage=0.1, n=12, dim=3)
+    m = m.model_copy(update={"density": spec})
+    m.save(root)
+    return m
+
+
+def test_density_reference_round_trip_and_verification(tmp_path: Path) -> None:
+    m = _with_reference(tmp_path)
+    assert mf.load(tmp_path) == m
+    raw = json.loads((tmp_path / "ensemble.json").read_text())
+    assert raw["density"]["layer"] == "last" and raw["density"]["pooling"] == "user"
+    (tmp_path / "reference.npz").write_bytes(b"changed")
+    with pytest.raises(ManifestError, match="density: .*reference.npz has sha256"):
+        mf.load(tmp_path)
+    mf.load(tmp_path, verify=False)  # the hash is what verification checks
+    (tmp_path / "reference.npz").unlink()
+    with pytest.raises(ManifestError, match="reference.npz is missing"):
+        mf.load(tmp_path)
+
+
+def test_density_file_must_stay_inside(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="inside the ensemble directory"):
+        mf.DensitySpec(file="../ref.npz", sha256="0" * 64, shrinkage=0.1, n=2, dim=1)

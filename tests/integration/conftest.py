@@ -70,6 +70,13 @@ def vllm_server(
         yield proc
 
 
+@pytest.fixture(scope="session")
+def embedder(smollm2_dir: Path) -> Iterator[VLLMProcess]:
+    """The base model as a vLLM pooling server (the prompt_distance embedder)."""
+    with VLLMProcess(str(smollm2_dir), embedder=True) as proc:
+        yield proc
+
+
 def start_gateway(ensemble: Path, vllm_url: str | None, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:  # fmt: skip
     """A real `softspec serve` process (its own vLLM child unless ``vllm_url``)."""
     args = [*(["--vllm-url", vllm_url] if vllm_url else []), *extra]

@@ -9,6 +9,7 @@ Response shapes copy vLLM 0.32's (``token_id:N`` keys with
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Callable
@@ -35,6 +36,7 @@ EOS = 0
 BOS = 99  # a prompt-only token id (like <|im_start|>), never generated
 BASE_ID = "base"  # the base model's id (adapters off), listed without a parent
 BASE_PERSONALITY = -7
+HIDDEN = 4  # width of the fake base's hidden states (the /pooling endpoint)
 
 
 def _seed(*parts: object) -> int:
@@ -63,6 +65,13 @@ class FakeVLLM:
         logits[EOS] += 0.4 * len(prefix) - 2.0  # answers end after a few tokens
         return logits - np.logaddexp.reduce(logits)
 
+    @staticmethod
+    def hidden(ids: list[int]) -> np.ndarray:
+        """(T, HIDDEN) float32 "last hidden states" of the base: one fixed vector per token."""
+        return np.stack(
+            [np.random.default_rng(_seed("h", t)).normal(size=HIDDEN) for t in ids]
+        ).astype(np.float32)
+
     def top(self, lq: np.ndarray, n: int) -> list[int]:
         return [int(i) for i in np.argsort(-lq, kind="stable")[:n]]
 
@@ -88,6 +97,13 @@ class FakeVLLM:
             ids = [BOS] + [1 + (_seed(w) % (len(VOCAB) - 1)) for w in text.split()]
             return httpx.Response(
                 200, json={"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+            )
+        if path == "/pooling":  # the embedder (vLLM's pooling runner, task token_embed)
+            if body.get("task") != "token_embed" or body.get("encoding_format") != "base64":
+                return httpx.Response(400, json={"error": {"message": "unsupported pooling"}})
+            raw = base64.b64encode(self.hidden(list(body["input"])).astype("<f4").tobytes())
+            return httpx.Response(
+                200, json={"object": "list", "data": [{"index": 0, "data": raw.decode()}]}
             )
         if path == "/detokenize":
             return httpx.Response(200, json={"prompt": "".join(VOCAB[t] for t in body["tokens"])})

@@ -27,12 +27,17 @@ class FakeChild:
     def exit_code(self) -> int | None:
         return None if self.alive else -9
 
-    def restart(self) -> None:
+    def restart(self, wait: bool = True) -> None:
         self.restarted_at.append(time.monotonic())
+        self.alive = True
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         if self.fail_restarts > 0:
             self.fail_restarts -= 1
+            self.alive = False
             raise RuntimeError("did not come up")
-        self.alive = True
 
 
 async def _healthy() -> bool:
@@ -112,3 +117,21 @@ def test_external_engine_goes_down_and_comes_back_without_restarts() -> None:
         return states
 
     assert asyncio.run(scenario()) == ["up", "down", "up"]
+
+
+def test_a_child_group_restarts_only_the_child_that_died() -> None:
+    from server.supervisor import ChildGroup
+
+    vllm, embedder = FakeChild(), FakeChild()
+    embedder.startup_seconds = 7.0
+    group = ChildGroup(vllm, embedder)
+    assert group.running() and group.exit_code() is None and group.startup_seconds == 7.0
+    embedder.alive = False
+    assert not group.running() and group.exit_code() == -9
+    group.restart()
+    assert (len(vllm.restarted_at), len(embedder.restarted_at)) == (0, 1) and group.running()
+    group.restart()  # both alive but unhealthy: both start again
+    assert (len(vllm.restarted_at), len(embedder.restarted_at)) == (1, 2)
+    embedder.alive, embedder.fail_restarts = False, 1
+    with pytest.raises(RuntimeError, match="did not come up"):
+        group.restart()

@@ -16,6 +16,7 @@ import pytest
 from server import launch
 from server.settings import Settings
 from softspec import cli, demo, diagnose, evaluate
+from training import reference
 from training.config import DPOConfig, SFTConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
@@ -62,6 +63,7 @@ PARSERS = {
     "eval": evaluate._parser,
     "demo": demo._parser,
     "diagnose": diagnose._parser,
+    "reference": reference._parser,
 }
 
 
