@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Print the vLLM server arguments for an ensemble directory, one argument per line.
 
-    python3 deploy/vllm-args.py ENSEMBLE_DIR [--host 0.0.0.0] [--port 8000]
+    python3 deploy/vllm-args.py ENSEMBLE_DIR [--host 0.0.0.0] [--port 8000] [--embedder]
+
+With ``--embedder`` it prints instead the arguments of the ``prompt_distance`` embedder: the
+ensemble's base model as a vLLM pooling server (``server.vllm_args.embedder_args``).
 
 The adapters' served names carry the manifest's content hash
 (``<ensemble>-<version>-<member>``, ``EnsembleManifest.served_name``), so a vLLM server
@@ -43,7 +46,7 @@ class ArgsError(Exception):
     """Something the operator must fix; printed as one line."""
 
 
-def ensemble_args(root: Path, host: str, port: int) -> list[str]:
+def ensemble_args(root: Path, host: str, port: int, embedder: bool = False) -> list[str]:
     """The arguments ``softspec serve`` would give its vLLM child for ``root``."""
     try:
         from pydantic import ValidationError
@@ -58,7 +61,8 @@ def ensemble_args(root: Path, host: str, port: int) -> list[str]:
         ) from exc
     try:
         shape = vllm_args.VLLMShape.from_env()
-        return vllm_args.ensemble_args(root, manifest_io.load(root), shape, host, port)
+        build = vllm_args.ensemble_embedder_args if embedder else vllm_args.ensemble_args
+        return build(root, manifest_io.load(root), shape, host, port)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(x) for x in first["loc"])
@@ -67,14 +71,14 @@ def ensemble_args(root: Path, host: str, port: int) -> list[str]:
         raise ArgsError(str(exc)) from exc
 
 
-def build_args(root: Path, host: str, port: int) -> list[str]:
+def build_args(root: Path, host: str, port: int, embedder: bool = False) -> list[str]:
     if not (root / "ensemble.json").is_file():
         raise ArgsError(
             f"{root}/ensemble.json not found: fill the data volume first with "
             "`docker compose -f deploy/compose.yaml run --rm populate` (Kubernetes: "
             "`kubectl apply -f deploy/k8s/populate-job.yaml`; see deploy/README.md)"
         )
-    args = ensemble_args(root, host, port)
+    args = ensemble_args(root, host, port, embedder)
     bad = [a for a in args if _UNSAFE.search(a)]
     if bad:
         raise ArgsError(
@@ -89,13 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ensemble", type=Path, help="ensemble directory (ensemble.json)")
     p.add_argument("--host", default="0.0.0.0", help="vLLM bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8000, help="vLLM port (default 8000)")
+    p.add_argument(
+        "--embedder", action="store_true", help="the prompt_distance embedder's arguments"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        args = build_args(ns.ensemble, ns.host, ns.port)
+        args = build_args(ns.ensemble, ns.host, ns.port, ns.embedder)
     except ArgsError as exc:
         print(f"vllm-args: error: {exc}", file=sys.stderr)
         return 2

@@ -124,7 +124,9 @@ def vllm_engine(settings: Settings, url: str | None) -> EngineFactory:
             )
         return VLLMEngine(
             url, manifest, timeout=settings.request_timeout, metrics=metrics,
-            max_model_len=settings.max_model_len, embed_url=settings.embed_url,
+            max_model_len=settings.max_model_len,
+            # an embedder is used (and must be up) only for an ensemble with a reference
+            embed_url=settings.embed_url if manifest.density is not None else None,
         )  # fmt: skip
 
     return vllm

@@ -33,6 +33,7 @@ __all__ = [
     "embedder_args",
     "ensemble_adapters",
     "ensemble_args",
+    "ensemble_embedder_args",
     "lora_rank_bucket",
     "server_args",
 ]
@@ -191,4 +192,24 @@ def ensemble_args(
         dtype=shape.vllm_dtype,
         eager=not cuda_available() if eager is None else eager,
         extra=shape.vllm_args,
+    )
+
+
+def ensemble_embedder_args(
+    root: Path,
+    manifest: EnsembleManifest,
+    shape: VLLMShape,
+    host: str,
+    port: int,
+    *,
+    eager: bool | None = None,
+) -> list[str]:
+    """The ``prompt_distance`` embedder's arguments for an ensemble directory (its base)."""
+    return embedder_args(
+        model=ensemble_model(root, manifest, shape),
+        host=host,
+        port=port,
+        max_model_len=shape.max_model_len,
+        dtype=shape.vllm_dtype,
+        eager=not cuda_available() if eager is None else eager,
     )

@@ -318,7 +318,13 @@ def _fit_reference(cfg: TrainConfig, held_out: frozenset[int]) -> None:
             file=sys.stderr,
         )
         return
+    t0 = time.monotonic()
     fit_reference(Path(cfg.out), prompts, source=f"{len(prompts)} distinct training prompts")
+    print(
+        f"softspec train: prompt_distance reference fitted to {len(prompts)} training prompts "
+        f"in {time.monotonic() - t0:.0f}s",
+        file=sys.stderr,
+    )
 
 
 def _calibrate(cfg: TrainConfig, prompts: list[list[dict[str, str]]]) -> None:

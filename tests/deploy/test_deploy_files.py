@@ -2,7 +2,8 @@
 
 No Docker engine or cluster is needed: the files are parsed and cross-checked against the
 code they drive (settings, routes, the vLLM arguments the gateway would use), and the vLLM
-start-up shell line is run with a stand-in for vLLM.
+start-up shell lines (vLLM's and the prompt_distance embedder's) are run with a stand-in
+for vLLM.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 # Image paths the vLLM start-up line uses; tests substitute local ones.
 IMAGE_HELPER = "/app/deploy/vllm-args.py"
 IMAGE_ENSEMBLE = "/data/ensemble"
+# The vLLM servers of a deployment: the generating one and the prompt_distance embedder (the
+# base model as a pooling server). Each is a compose service and a k8s Deployment + Service
+# of this name, started by vllm-args.py (with --embedder for the embedder); the gateway
+# reaches each through its `softspec serve` flag.
+UPSTREAMS = {"vllm": "--vllm-url", "embedder": "--embed-url"}
 
 REQUIRED = [
     "compose.yaml",
@@ -51,6 +57,7 @@ REQUIRED = [
     "vllm-args.py",
     "README.md",
     "k8s/vllm.yaml",
+    "k8s/embedder.yaml",
     "k8s/gateway.yaml",
     "k8s/configmap.yaml",
     "k8s/pvc.yaml",
@@ -167,21 +174,25 @@ def helper_module() -> ModuleType:
     return mod
 
 
-def helper_port(script: str) -> int:
-    """The vLLM port: the ``--port`` the start-up line gives vllm-args.py (or its default)."""
+def helper_port(script: str, embedder: bool = False) -> int:
+    """The vLLM port: the ``--port`` the start-up line gives vllm-args.py (or its default).
+
+    Also checks the line asks for the right server: ``--embedder`` exactly when ``embedder``.
+    """
     words = shlex.split(script.replace(";", " ; "))
     start = words.index(IMAGE_HELPER) + 1
     end = next((i for i in range(start, len(words)) if words[i].endswith(")")), len(words))
     args = [w.rstrip(")") for w in words[start : end + 1]]
     ns = helper_module().build_parser().parse_args(args)
     assert Path(ns.ensemble) == Path(IMAGE_ENSEMBLE)
+    assert ns.embedder is embedder, f"--embedder {'missing from' if embedder else 'in'} {args}"
     return int(ns.port)
 
 
-def gateway_flags(argv: list[str]) -> tuple[str, int]:
-    """``--vllm-url`` and ``--port`` of a ``softspec serve`` command line."""
+def gateway_flags(argv: list[str], url_flag: str = "--vllm-url") -> tuple[str, int]:
+    """``url_flag`` (default ``--vllm-url``) and ``--port`` of a ``softspec serve`` line."""
     assert argv[0] == "serve", argv
-    return flag(argv, "--vllm-url"), int(flag(argv, "--port"))
+    return flag(argv, url_flag), int(flag(argv, "--port"))
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -281,7 +292,9 @@ def test_yaml_has_no_duplicate_keys(path: Path) -> None:
 def test_kustomization_lists_the_manifests() -> None:
     (kust,) = load(K8S / "kustomization.yaml")
     resources = kust["resources"]
-    assert {"vllm.yaml", "gateway.yaml", "configmap.yaml", "pvc.yaml"} <= set(resources)
+    assert {"vllm.yaml", "embedder.yaml", "gateway.yaml", "configmap.yaml", "pvc.yaml"} <= set(
+        resources
+    )
     for rel in resources:
         assert (K8S / rel).is_file(), rel
     names = {i["name"] for i in kust.get("images", [])}
@@ -359,14 +372,19 @@ def test_readme_documents_every_setting() -> None:
 
 
 def test_compose_and_k8s_share_the_vllm_shaping_settings() -> None:
-    """vLLM and the gateway must agree on these; both services get the same values."""
+    """vLLM, the embedder and the gateway must agree on these; all get the same values."""
     shared = ["SOFTSPEC_MAX_MODEL_LEN", "SOFTSPEC_TOP_LOGPROBS"]
     services = compose()["services"]
     vllm_env, gw_env = (env_map(services[s].get("environment")) for s in ("vllm", "gateway"))
     for name in shared:
         assert name in vllm_env and vllm_env[name] == gw_env.get(name), name
+    # the embedder's shape (server.vllm_args.ensemble_embedder_args): the context length,
+    # the dtype and the base model must be the ones vLLM and the gateway use
+    embed_env = env_map(services["embedder"].get("environment"))
+    for name in ("SOFTSPEC_MAX_MODEL_LEN", "SOFTSPEC_VLLM_DTYPE", "SOFTSPEC_BASE_MODEL"):
+        assert embed_env.get(name) == vllm_env.get(name) == gw_env.get(name), name
     cm_name = k8s_find("ConfigMap", "softspec-config")["metadata"]["name"]
-    for dep in ("vllm", "softspec-gateway"):
+    for dep in ("vllm", "embedder", "softspec-gateway"):
         refs = [
             e["configMapRef"]["name"]
             for e in only_container(k8s_find("Deployment", dep)).get("envFrom", [])
@@ -378,14 +396,17 @@ def test_compose_and_k8s_share_the_vllm_shaping_settings() -> None:
 # ---------------------------------------------------------------------------- wiring
 
 
-def test_compose_gateway_reaches_the_vllm_service() -> None:
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_compose_gateway_reaches_the_vllm_service(upstream: str) -> None:
+    """The gateway's ``--vllm-url`` / ``--embed-url`` name the service that serves it."""
     services = compose()["services"]
-    assert {"vllm", "gateway", "prometheus"} <= set(services)
-    url, _ = gateway_flags(services["gateway"]["command"])
+    assert {"vllm", "embedder", "gateway", "prometheus"} <= set(services)
+    url, _ = gateway_flags(services["gateway"]["command"], UPSTREAMS[upstream])
     parts = urlsplit(url)
+    assert parts.hostname == upstream, url
     assert parts.hostname in services, f"{url}: no compose service {parts.hostname!r}"
     vllm = services[parts.hostname]
-    port = helper_port(compose_unescape(vllm["entrypoint"][-1]))
+    port = helper_port(compose_unescape(vllm["entrypoint"][-1]), upstream == "embedder")
     assert parts.port == port
     assert str(port) in [str(p) for p in vllm.get("expose", [])]
     assert f"127.0.0.1:{port}/health" in " ".join(vllm["healthcheck"]["test"])
@@ -397,18 +418,24 @@ def test_compose_gateway_reaches_the_vllm_service() -> None:
         assert deps[parts.hostname].get("condition") != "service_healthy"
 
 
-def test_k8s_gateway_reaches_the_vllm_service() -> None:
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_k8s_gateway_reaches_the_vllm_service(upstream: str) -> None:
     gw = only_container(k8s_find("Deployment", "softspec-gateway"))
-    url, _ = gateway_flags(gw["args"])
+    url, _ = gateway_flags(gw["args"], UPSTREAMS[upstream])
     parts = urlsplit(url)
+    assert parts.hostname == upstream, url
     svc = k8s_find("Service", str(parts.hostname))
     (port,) = [p for p in svc["spec"]["ports"] if p["port"] == parts.port]
-    dep = k8s_find("Deployment", "vllm")
+    dep = k8s_find("Deployment", upstream)
     labels = dep["spec"]["template"]["metadata"]["labels"]
-    assert svc["spec"]["selector"].items() <= labels.items(), "the Service selects no vLLM pod"
+    assert svc["spec"]["selector"].items() <= labels.items(), (
+        f"the Service selects no {upstream} pod"
+    )
+    assert labels["app.kubernetes.io/component"] == upstream
     c = only_container(dep)
     (cport,) = [p for p in c["ports"] if port["targetPort"] in (p.get("name"), p["containerPort"])]
-    assert cport["containerPort"] == helper_port(kubelet_unescape(c["command"][-1]))
+    command = kubelet_unescape(c["command"][-1])
+    assert cport["containerPort"] == helper_port(command, upstream == "embedder")
 
 
 def test_k8s_services_select_their_own_pods() -> None:
@@ -424,6 +451,7 @@ def test_k8s_services_select_their_own_pods() -> None:
             <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
         assert len(hits) == 1, f"Service {svc['metadata']['name']} selects {hits}"
+        assert hits == [svc["metadata"]["name"]], "a Service is named after its Deployment"
     assert deployments["softspec-gateway"]["spec"]["replicas"] == 2
 
 
@@ -453,7 +481,7 @@ def test_k8s_gateway_port_probes_and_scrape_annotations() -> None:
 
 def test_k8s_volumes_use_the_pvc() -> None:
     pvc = k8s_find("PersistentVolumeClaim", "softspec-data")
-    for name in ("vllm", "softspec-gateway"):
+    for name in ("vllm", "embedder", "softspec-gateway"):
         spec = k8s_find("Deployment", name)["spec"]["template"]["spec"]
         claims = {
             v["name"]: v["persistentVolumeClaim"]["claimName"]
@@ -469,9 +497,12 @@ def test_k8s_volumes_use_the_pvc() -> None:
 def test_compose_volume_mounts() -> None:
     doc = compose()
     assert "softspec-data" in doc["volumes"]
-    for name in ("vllm", "gateway"):
+    for name in ("vllm", "embedder", "gateway"):
         vols = doc["services"][name]["volumes"]
         assert any(str(v).split(":")[:2] == ["softspec-data", "/data"] for v in vols), name
+    for name in UPSTREAMS:  # serving never writes the data volume
+        vols = [str(v).split(":") for v in doc["services"][name]["volumes"]]
+        assert all(v[-1] == "ro" for v in vols if v[0] == "softspec-data"), name
 
 
 def test_prometheus_scrapes_the_gateway() -> None:
@@ -533,11 +564,39 @@ def test_probes_hit_gateway_routes() -> None:
     assert "/health" in open_paths
 
 
-def test_vllm_probes_use_vllm_health() -> None:
-    c = only_container(k8s_find("Deployment", "vllm"))
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_vllm_probes_use_vllm_health(upstream: str) -> None:
+    c = only_container(k8s_find("Deployment", upstream))
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert c[probe]["httpGet"]["path"] == "/health", probe
     assert c["readinessProbe"]["httpGet"]["port"] in ("http", 8000)
+    hc = " ".join(compose()["services"][upstream]["healthcheck"]["test"])
+    assert re.findall(r"http://127\.0\.0\.1:\d+(/[\w/]*)", hc) == ["/health"]
+
+
+def test_embedder_mirrors_vllm() -> None:
+    """The embedder runs like vLLM (image, settings, CPU KV cache, NUMA binding, restarts)
+    but is the base model only: no adapters' /dev/shm, less memory."""
+    services = compose()["services"]
+    vllm, emb = services["vllm"], services["embedder"]
+    for key in ("image", "pull_policy", "restart", "cap_add", "expose"):
+        assert emb.get(key) == vllm.get(key), key
+    vllm_env, emb_env = env_map(vllm["environment"]), env_map(emb["environment"])
+    assert emb_env.get("VLLM_CPU_KVCACHE_SPACE") == vllm_env["VLLM_CPU_KVCACHE_SPACE"]
+    assert sorted(map(str, emb["volumes"])) == sorted(map(str, vllm["volumes"]))
+    k_vllm = only_container(k8s_find("Deployment", "vllm"))
+    k_emb = only_container(k8s_find("Deployment", "embedder"))
+    for key in ("image", "imagePullPolicy", "envFrom", "env", "ports"):
+        assert k_emb.get(key) == k_vllm.get(key), key
+    assert "/dev/shm" not in [m["mountPath"] for m in k_emb["volumeMounts"]]
+
+    def gib(q: str) -> float:
+        units = {"Mi": 1 / 1024, "Gi": 1.0}
+        return float(q[:-2]) * units[q[-2:]]
+
+    for kind in ("requests", "limits"):
+        e, v = k_emb["resources"][kind]["memory"], k_vllm["resources"][kind]["memory"]
+        assert gib(e) < gib(v), (kind, e, v)
 
 
 # ---------------------------------------------------------------------------- vllm-args.py
@@ -583,6 +642,34 @@ def test_helper_matches_what_softspec_serve_would_start(
     assert helper_lines(root, "--port", "8123") == cmd[3:]
 
 
+def test_helper_embedder_matches_what_softspec_serve_would_start(
+    ensemble_dir: tuple[Path, EnsembleManifest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--embedder``: the builder's list, which is the one `softspec serve` gives its own
+    embedder child: the base model as a pooling server, no adapters."""
+    from ensemble import manifest as manifest_io
+    from server.launch import embedder_process
+    from server.vllm_args import EMBEDDER_POOLER, VLLMShape, ensemble_embedder_args
+
+    root, manifest = ensemble_dir
+    for k in list(os.environ):
+        if k.startswith("SOFTSPEC_"):
+            monkeypatch.delenv(k)
+    args = helper_lines(root, "--embedder", "--port", "8123")
+    assert args == ensemble_embedder_args(root, manifest, VLLMShape(), "0.0.0.0", 8123)
+    proc = embedder_process(Settings(ensemble=root), manifest_io.load(root))
+    proc.host, proc.port = "0.0.0.0", 8123
+    cmd = proc.command()
+    assert cmd[1:3] == ["-m", VLLM_MODULE]
+    assert args == cmd[3:]
+    assert flag(args, "--model") == "/data/models/base"
+    assert (flag(args, "--host"), flag(args, "--port")) == ("0.0.0.0", "8123")
+    assert (flag(args, "--runner"), flag(args, "--convert")) == ("pooling", "embed")
+    assert flag(args, "--pooler-config") == EMBEDDER_POOLER
+    assert "--enable-lora" not in args and "--lora-modules" not in args
+    assert helper_lines(root) != args  # without --embedder: the generating server's list
+
+
 SETTING_CASES = {
     "defaults": {},
     "overrides": {
@@ -620,6 +707,34 @@ def test_helper_reads_the_vllm_shaping_settings(
         assert flag(full, "--dtype") == "bfloat16"
         assert flag(full, "--model") == "/data/models/other"
         assert full[-4:] == ["--seed", "7", "--max-num-seqs", "16"]
+
+
+@pytest.mark.parametrize("case", SETTING_CASES)
+def test_helper_embedder_reads_the_shaping_settings(
+    case: str, ensemble_dir: tuple[Path, EnsembleManifest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--embedder`` (environment only) and `softspec serve`'s embedder child (Settings)
+    give the same list: the same base model, context length and dtype as vLLM."""
+    from ensemble import manifest as manifest_io
+    from server.launch import embedder_process
+
+    root, _ = ensemble_dir
+    env = clean_env(**SETTING_CASES[case])
+    emb = helper_lines(root, "--embedder", env=env)
+    for k in list(os.environ):
+        if k.startswith("SOFTSPEC_"):
+            monkeypatch.delenv(k)
+    for k, v in SETTING_CASES[case].items():
+        monkeypatch.setenv(k, v)
+    proc = embedder_process(Settings(ensemble=root), manifest_io.load(root))  # type: ignore[call-arg]
+    proc.host, proc.port = "0.0.0.0", 8000
+    assert proc.command()[3:] == emb
+    vllm = helper_lines(root, env=env)
+    for name in ("--model", "--max-model-len", "--dtype"):
+        assert flag(emb, name) == flag(vllm, name), name
+    if case == "overrides":
+        assert flag(emb, "--model") == "/data/models/other"
+        assert "--seed" not in emb  # SOFTSPEC_VLLM_ARGS are the generating server's
 
 
 def test_helper_without_the_server_package_says_what_to_mount(
@@ -677,12 +792,12 @@ def test_helper_rejects_bad_settings(ensemble_dir: tuple[Path, EnsembleManifest]
 # ---------------------------------------------------------------------------- start-up line
 
 
-def vllm_scripts() -> dict[str, str]:
-    """The vLLM containers' shell lines as the shell receives them."""
+def vllm_scripts(upstream: str = "vllm") -> dict[str, str]:
+    """The vLLM (or embedder) containers' shell lines as the shell receives them."""
     services = compose()["services"]
-    entry = services["vllm"]["entrypoint"]
+    entry = services[upstream]["entrypoint"]
     assert entry[:2] == ["sh", "-c"], entry
-    cmd = only_container(k8s_find("Deployment", "vllm"))["command"]
+    cmd = only_container(k8s_find("Deployment", upstream))["command"]
     assert cmd[:2] == ["sh", "-c"], cmd
     return {"compose": compose_unescape(entry[2]), "k8s": kubelet_unescape(cmd[2])}
 
@@ -714,25 +829,33 @@ def run_script(
     )
 
 
+@pytest.mark.parametrize("upstream", UPSTREAMS)
 @pytest.mark.parametrize("where", ["compose", "k8s"])
 def test_startup_line_execs_vllm_with_the_helper_arguments(
-    where: str, ensemble_dir: tuple[Path, EnsembleManifest], fake_python: tuple[Path, Path]
+    where: str,
+    upstream: str,
+    ensemble_dir: tuple[Path, EnsembleManifest],
+    fake_python: tuple[Path, Path],
 ) -> None:
     root, _ = ensemble_dir
     bindir, record = fake_python
-    out = run_script(vllm_scripts()[where], root, bindir, record)
+    out = run_script(vllm_scripts(upstream)[where], root, bindir, record)
     assert out.returncode == 0, out.stderr
     argv = record.read_text().splitlines()
     assert argv[:2] == ["-m", VLLM_MODULE]
-    assert argv[2:] == helper_lines(root)
+    extra = ["--embedder"] if upstream == "embedder" else []
+    assert argv[2:] == helper_lines(root, *extra)
+    if upstream == "embedder":  # one argument, not split by the shell
+        assert flag(argv, "--pooler-config").startswith("{") and "--enable-lora" not in argv
 
 
+@pytest.mark.parametrize("upstream", UPSTREAMS)
 @pytest.mark.parametrize("where", ["compose", "k8s"])
 def test_startup_line_stops_when_the_helper_fails(
-    where: str, tmp_path: Path, fake_python: tuple[Path, Path]
+    where: str, upstream: str, tmp_path: Path, fake_python: tuple[Path, Path]
 ) -> None:
     bindir, record = fake_python
-    out = run_script(vllm_scripts()[where], tmp_path / "no-ensemble", bindir, record)
+    out = run_script(vllm_scripts(upstream)[where], tmp_path / "no-ensemble", bindir, record)
     assert out.returncode != 0
     assert "vllm-args: error:" in out.stderr
     assert not record.exists(), "vLLM was started without the ensemble's arguments"
@@ -899,6 +1022,7 @@ def test_compose_build_args_match_the_dockerfile() -> None:
             assert compose_default(value) == defaults[arg], (name, arg)
     images = {b["target"]: services[n]["image"] for n, b in builds.items()}
     assert services["vllm"]["image"] == services["populate"]["image"] == images["full"]
+    assert services["embedder"]["image"] == images["full"]
     assert services["gateway"]["image"] == images["gateway"]
 
 
@@ -940,18 +1064,20 @@ def test_compose_builds_the_repository_dockerfile() -> None:
         assert (DEPLOY / b["context"]).resolve() == REPO
         assert (DEPLOY / b["context"] / b.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
     built = {s["image"] for s in services.values() if "build" in s}
-    assert services["vllm"]["image"] in built, "vllm must run the image the gateway builds"
-    # no build: the GPU override swaps the image, which must not get our build tagged on it
-    assert "build" not in services["vllm"]
+    for name in UPSTREAMS:
+        assert services[name]["image"] in built, f"{name} must run the image compose builds"
+        # no build: the GPU override swaps the image, which must not get our build tagged on it
+        assert "build" not in services[name]
 
 
-def test_helper_is_in_the_compose_vllm_container() -> None:
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_helper_is_in_the_compose_vllm_container(upstream: str) -> None:
     copied = any(
         op in {"COPY", "ADD"}
         and any(a.rstrip("/") in {"deploy", "deploy/vllm-args.py"} for a in args)
         for op, args in dockerfile_instructions()
     )
-    mounts = [str(v).split(":") for v in compose()["services"]["vllm"].get("volumes", [])]
+    mounts = [str(v).split(":") for v in compose()["services"][upstream].get("volumes", [])]
     mounted = any(
         len(m) >= 2 and m[1] == IMAGE_HELPER and (DEPLOY / m[0]).resolve() == HELPER for m in mounts
     )
@@ -970,6 +1096,16 @@ def test_gpu_override() -> None:
         inside = Path(IMAGE_HELPER).parent.parent / pkg
         assert any(m[1] == str(inside) and (DEPLOY / m[0]).resolve() == REPO / pkg for m in mounts)
     assert "entrypoint" not in vllm, "the base start-up line (python3, set -e) must apply"
+    # The embedder is not overridden: it stays on the CPU image, which has the softspec
+    # plugin and the helper's packages (two vLLM servers on one GPU would each claim most of
+    # its memory). Should the override move it, it needs what vllm gets above.
+    base = compose()["services"]
+    embedder = compose_gpu()["services"].get("embedder")
+    if embedder is None:
+        assert base["embedder"]["image"] == base["populate"]["image"]  # softspec:local
+    else:  # pragma: no cover - not the layout today
+        assert embedder["image"] == vllm["image"] and "entrypoint" not in embedder
+        assert [str(v) for v in embedder.get("volumes", [])] == [str(v) for v in vllm["volumes"]]
 
 
 # ---------------------------------------------------------------------------- data volume
@@ -1025,8 +1161,10 @@ def test_gateway_waits_for_the_data_volume(where: str, tmp_path: Path) -> None:
     assert record.read_text().split() == cmd  # `exec softspec "$@"`: the command, unchanged
 
 
-def test_vllm_names_the_fill_command(tmp_path: Path) -> None:
-    out = run_helper(tmp_path / "empty")
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_vllm_names_the_fill_command(upstream: str, tmp_path: Path) -> None:
+    extra = ["--embedder"] if upstream == "embedder" else []
+    out = run_helper(tmp_path / "empty", *extra)
     assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
     for hint in FILL_HINTS.values():
         assert hint in out.stderr

@@ -134,6 +134,7 @@ def test_prior_options_are_recorded_and_served_adapters_stay_plain_peft(
         (["--prior-kl", "-1"], "--prior-kl must be > 0"),
         (["--anchor", "-0.5"], "--anchor must be >= 0"),
         (["--gate-calibration", "5"], "--gate-calibration must be 0 (off) or >= 20"),
+        (["--reference-prompts", "-1"], "--reference-prompts must be >= 0"),
         (["--gate-calibration", "20", "--gate-rate", "0.01"], "cannot promise so low a flag rate"),
     ],
 )
