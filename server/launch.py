@@ -28,7 +28,7 @@ from server.gate import GateAction
 from server.metrics import Metrics
 from server.settings import Settings
 from server.supervisor import ChildGroup, Restartable
-from server.vllm_args import ensemble_adapters, ensemble_model
+from server.vllm_args import cuda_available, ensemble_adapters, ensemble_model
 from server.vllm_process import VLLMProcess, _port_free
 
 __all__ = [
@@ -158,6 +158,12 @@ def embedder_process(settings: Settings, manifest: manifest_io.EnsembleManifest)
     )
 
 
+# vLLM claims 90 % of a GPU's memory by default; beside the embedder the generating server
+# takes 80 % (a --gpu-memory-utilization in SOFTSPEC_VLLM_ARGS comes later and wins) and
+# the embedder 10 %. Not yet run on a GPU.
+GPU_SHARES = (["--gpu-memory-utilization", "0.8"], ["--gpu-memory-utilization", "0.1"])
+
+
 def _start_all(children: Sequence[VLLMProcess]) -> None:
     """Spawn every child from this thread (a child dies with the thread that spawned it:
     ``PR_SET_PDEATHSIG``), then wait until each answers: the start-ups overlap."""
@@ -199,6 +205,9 @@ def run_serve(argv: Sequence[str], choose_engine: EngineChoice = vllm_engine) ->
             children.append(vllm_process(settings, manifest))
             if manifest.density is not None and settings.embed_url is None:
                 children.append(embedder_process(settings, manifest))
+                if cuda_available():  # one GPU, two vLLM servers: split its memory
+                    children[0].extra_args = [*GPU_SHARES[0], *children[0].extra_args]
+                    children[1].extra_args = [*GPU_SHARES[1]]
             what = " and the prompt_distance embedder" if len(children) > 1 else ""
             print(f"softspec: starting vLLM for {len(manifest.members)} members{what}",
                   file=sys.stderr)  # fmt: skip

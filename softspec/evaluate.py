@@ -231,8 +231,19 @@ def compute_metrics(preds: Sequence[dict[str, Any]], members: Sequence[str]) -> 
         for b in BASELINES
         if res["scores"][b].get("ood_auroc") is not None
     ]
-    if base and res["scores"]["epistemic"].get("ood_auroc") is not None:
-        res["epistemic_minus_best_baseline"] = res["scores"]["epistemic"]["ood_auroc"] - max(base)
+    for score in ("epistemic", Score.COMBINED.value):  # the member score and the gate score
+        if base and res["scores"][score].get("ood_auroc") is not None:
+            res[f"{score}_minus_best_baseline"] = res["scores"][score]["ood_auroc"] - max(base)
+    decided = [p for p in ood if p.get("gate") is not None]
+    if decided:  # what the served gate did, in and out of distribution
+        res["gate_flag_rate"] = {
+            kind: float(np.mean([p["gate"] != "pass" for p in rows]))
+            for kind, rows in (
+                ("in_distribution", [p for p in decided if not p["ood"]]),
+                ("ood", [p for p in decided if p["ood"]]),
+            )
+            if rows
+        }
     return res
 
 
@@ -307,6 +318,18 @@ def _report_md(metrics: dict[str, Any], meta: dict[str, Any]) -> str:
     if "epistemic_minus_best_baseline" in metrics:
         lines.append(
             f"Epistemic OOD AUROC minus the best single-model baseline: {metrics['epistemic_minus_best_baseline']:+.3f}."
+        )
+    if "combined_minus_best_baseline" in metrics:
+        lines.append(
+            "Gate score (combined) OOD AUROC minus the best single-model baseline: "
+            f"{metrics['combined_minus_best_baseline']:+.3f}."
+        )
+    if "gate_flag_rate" in metrics:
+        rates = metrics["gate_flag_rate"]
+        lines.append(
+            "The served gate flagged "
+            + ", ".join(f"{v:.1%} of {k.replace('_', '-')} prompts" for k, v in rates.items())
+            + "."
         )
     if "routing" in metrics:
         lines.append(

@@ -253,14 +253,27 @@ class LocalEngine(Engine):
         return out
 
     async def embed(self, prompt_ids: Sequence[int]) -> Any:
-        return await self._run(self._embed, list(prompt_ids))
+        return (await self.embed_batch([prompt_ids]))[0]
 
-    def _embed(self, prompt: list[int]) -> Any:
-        """The base's last hidden states (adapters off): what vLLM's pooling runner returns."""
+    async def embed_batch(self, prompts: Sequence[Sequence[int]]) -> list[Any]:
+        """:meth:`embed` of several prompts in one right-padded forward pass."""
+        return list(await self._run(self._embed, [list(p) for p in prompts]))
+
+    def _embed(self, prompts: list[list[int]]) -> list[Any]:
+        """The base's last hidden states (adapters off): what vLLM's pooling runner returns.
+        Right padding with an attention mask leaves every real position's state unchanged."""
+        width = max(len(p) for p in prompts)
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts])
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
         out = self.model(
-            input_ids=torch.tensor([prompt]), adapter_names=[PEFT_BASE], output_hidden_states=True
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=[PEFT_BASE] * len(prompts),
+            output_hidden_states=True,
         )
-        return out.hidden_states[-1][0].double().numpy()
+        last = out.hidden_states[-1].double()
+        return [last[i, : len(p)].numpy() for i, p in enumerate(prompts)]
 
     # ------------------------------------------------------------------ token mode
 

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 DEFAULT_SHRINKAGE = 0.01
+BATCH = 16  # prompts per forward pass while embedding
 MIN_REFERENCE = 10  # fewer distinct prompts than this: no reference (a Gaussian of nothing)
 
 
@@ -94,11 +95,16 @@ def fit_reference(
         await engine.start()
         try:
             pre, suf = await _template_span(engine)
-            pooled = []
-            for messages in prompts:
-                ids = await engine.render_chat(messages)
-                span = (max(1, pre), len(ids) - suf) if pre + suf < len(ids) else (1, len(ids))
-                pooled.append(pool_user_span(await engine.embed(ids), span))
+            rendered = [await engine.render_chat(m) for m in prompts]
+            order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))  # less padding
+            pooled: list[np.ndarray] = [np.empty(0)] * len(rendered)
+            for b in range(0, len(order), BATCH):
+                chunk = order[b : b + BATCH]
+                hidden = await engine.embed_batch([rendered[i] for i in chunk])
+                for i, h in zip(chunk, hidden, strict=True):
+                    n = len(rendered[i])
+                    span = (max(1, pre), n - suf) if pre + suf < n else (1, n)
+                    pooled[i] = pool_user_span(h, span)
             return np.stack(pooled)
         finally:
             await engine.close()

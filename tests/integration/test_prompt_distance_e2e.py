@@ -113,6 +113,13 @@ def test_a_foreign_prompt_is_far_from_the_training_prompts(
     foreign = _distance(dist_gateway, FOREIGN)
     print(f"\nprompt_distance: training prompts {trained}, foreign {foreign:.0f}")
     assert foreign > 2 * max(trained)
+    # what the embedding costs, from the gateway's own histogram of engine calls
+    metrics = httpx.get(f"{dist_gateway}/metrics", timeout=30).text
+    labels = 'member="@embed",op="embed"'
+    total = float(metrics.split(f"softspec_upstream_seconds_sum{{{labels}}} ")[1].split()[0])
+    count = float(metrics.split(f"softspec_upstream_seconds_count{{{labels}}} ")[1].split()[0])
+    assert count >= 4
+    print(f"embedder calls: {count:.0f}, mean {1e3 * total / count:.0f} ms each")
 
 
 def _children(gateway_pid: int) -> dict[str, int]:

@@ -18,7 +18,8 @@ def record(
     return {
         "ood": ood, "correct": correct, "group": group, "confidence": 0.9 if correct else 0.2,
         "epistemic": epi, "aleatoric": 1.0, "total": 1.0 + epi, "sequence_epistemic": epi / 2,
-        "disagreement": 0.0, "novelty": -epi, "prompt_novelty": ppl - epi, "combined": None,
+        "disagreement": 0.0, "novelty": -epi, "prompt_novelty": ppl - epi,
+        "prompt_distance": 100 * epi + ppl, "combined": None,
         "perplexity": ppl, "mean_token_entropy": 2.0,
         "responsibilities": {"m0": resp[0], "m1": resp[1]},
     }  # fmt: skip
@@ -62,6 +63,12 @@ def test_metrics_match_the_metric_functions() -> None:
     assert m["epistemic_minus_best_baseline"] == pytest.approx(
         m["scores"]["epistemic"]["ood_auroc"] - max(m["scores"][b]["ood_auroc"] for b in BASELINES)
     )
+    assert "combined_minus_best_baseline" not in m  # combined is not served here
+    assert "gate_flag_rate" not in m  # the records carry no gate decision
+    gated = compute_metrics(
+        [{**p, "gate": "flag" if p["epistemic"] > 0.25 else "pass"} for p in PREDS], ["m0", "m1"]
+    )
+    assert gated["gate_flag_rate"] == {"in_distribution": pytest.approx(1 / 3), "ood": 1.0}
     assert m["routing"]["groups"] == ["a", "b", "c"]
     assert m["routing"]["matrix"][0] == pytest.approx([0.85, 0.15])
     assert m["routing"]["task_member_mi"] == pytest.approx(
@@ -95,6 +102,15 @@ def test_calibrate_gate_fits_combined_from_in_distribution_rows_only() -> None:
     from ensemble.errors import ConfigError, DataError
 
     rows = [record(i % 3 == 0, None, 0.01 * i, 0.5 + 0.02 * i, "a", (0.5, 0.5)) for i in range(60)]
+    # an ensemble with a prompt_distance reference: the gate is calibrated on the distance
+    served = calibrate_gate(rows, 0.1, source="test")
+    assert served.calibration is not None
+    assert served.calibration.components == ["prompt_distance"]
+    assert served.calibration.scores["prompt_distance"] == sorted(
+        r["prompt_distance"] for r in rows if not r["ood"]
+    )
+    # without one (the score is null in every row): on prompt_novelty
+    rows = [{**r, "prompt_distance": None} for r in rows]
     gate = calibrate_gate(rows, 0.1, source="test")
     ind = [r for r in rows if not r["ood"]]
     cal = gate.calibration

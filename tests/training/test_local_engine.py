@@ -293,3 +293,62 @@ def test_base_relative_scores_match_full_vocabulary_brute_force(
     )
     assert u["novelty"] == pytest.approx(float(np.mean(llr[n - 1 :])), abs=1e-6)
     assert abs(u["novelty"]) > 1e-4  # trained members really differ from the base
+
+
+def test_embeddings_are_the_plain_base_models_last_hidden_states(
+    local, tiny_llama_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """embed / embed_batch = transformers' hidden_states[-1] of the base without adapters,
+    one unpadded prompt at a time (the batch is right-padded)."""
+    import asyncio
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, engine = local
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    prompts = [[1, 5, 9, 13], [1, 7], [1, 2, 3, 4, 5, 6, 7]]
+    got = asyncio.run(engine.embed_batch(prompts))
+    for p, h in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            want = base(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states[-1]
+        np.testing.assert_allclose(h, want[0].double().numpy(), atol=1e-5)
+    np.testing.assert_allclose(asyncio.run(engine.embed(prompts[1])), got[1], atol=1e-6)
+
+
+def test_prompt_distance_on_the_local_engine(
+    tiny_ensemble: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """softspec reference on the tiny ensemble, then the served prompt_distance equals the
+    reference's distance of the user span's mean hidden state, recomputed here."""
+    import asyncio
+    import shutil
+
+    from ensemble.density import load_reference
+    from server.service import _template_span
+
+    root = tmp_path_factory.mktemp("dist") / "ens"
+    shutil.copytree(tiny_ensemble, root)
+    data = root / "prompts.jsonl"
+    data.write_text("".join(
+        json.dumps({"prompt": [{"role": "user", "content": f"word number {i} is {w}"}],
+                    "completion": [{"role": "assistant", "content": "ok"}]}) + "\n"
+        for i, w in enumerate(["red", "blue", "green", "small", "large", "fast", "slow", "up",
+                               "down", "left", "right", "in"])
+    ))  # fmt: skip
+    assert (
+        main(["reference", "--ensemble", str(root), "--data", str(data), "--shrinkage", "0.1"]) == 0
+    )
+    manifest = load_manifest(root)
+    assert manifest.density is not None and manifest.density.n == 12
+    ref = load_reference(root / manifest.density.file)
+    for client, engine in local_client(root):
+        served = chat(client, "ens", max_tokens=2, temperature=0)["choices"][0]["uncertainty"]
+        pre, suf = asyncio.run(_template_span(engine))
+        ids = asyncio.run(engine.render_chat(QUESTION))
+        hidden = asyncio.run(engine.embed(ids))
+        x = hidden[pre : len(ids) - suf].mean(0) - ref.mean
+        cov = np.linalg.inv(ref.whiten.T @ ref.whiten)
+        assert served["prompt_distance"] == pytest.approx(
+            float(x @ np.linalg.solve(cov, x)), rel=1e-6
+        )
