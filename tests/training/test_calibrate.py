@@ -44,7 +44,10 @@ def test_train_writes_a_calibrated_combined_gate_from_held_out_prompts(calibrate
     assert gate.calibration is not None and gate.calibration.n == 20
     assert gate.calibration.level == pytest.approx(2 / 21) and gate.calibration.target_rate == 0.1
     assert "the gate flags at most 9.52% in expectation" in gate.calibration.guarantee
-    assert gate.calibration.components == ["prompt_novelty"]
+    # the ensemble has a prompt_distance reference (fitted to the 90 trained-on prompts,
+    # none of the 20 held out), so the gate is calibrated on the distance
+    assert manifest.density is not None and manifest.density.n == 110 - 20
+    assert gate.calibration.components == ["prompt_distance"]
     assert manifest.training["examples"] == 110 - 20  # the held-out prompts were not trained on
 
 
@@ -85,3 +88,18 @@ def test_a_combined_gate_without_calibration_refuses_to_start(
         TestClient(create_app(settings, lambda man, metrics: LocalEngine(copy, man))),
     ):
         pass
+
+
+def test_without_a_reference_the_gate_is_calibrated_on_prompt_novelty(
+    calibrated: Path, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ens"
+    code = main(["train", "sft", "--base", str(tiny_llama_dir), "--data",
+                 str(calibrated.parent / "d.jsonl"), "--out", str(out), "--members", "2",
+                 "--max-steps", "1", "--batch-size", "8", "--gate-calibration", "20",
+                 "--gate-rate", "0.1", "--reference-prompts", "0", *FAST])  # fmt: skip
+    assert code == 0
+    manifest = load_manifest(out)
+    assert manifest.density is None and not (out / "reference.npz").exists()
+    assert manifest.gate.calibration is not None
+    assert manifest.gate.calibration.components == ["prompt_novelty"]

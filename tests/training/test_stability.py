@@ -321,3 +321,28 @@ def test_indefinite_direction_stops_the_expansion_not_the_estimate() -> None:
     assert result.lambda_max == pytest.approx(4.0)  # c² on the positive-definite subspace
     assert not result.converged and result.subspace_dim == 1
     assert result.stop_reason == "V not positive definite along the next Davidson direction"
+
+
+def contradiction(tokens: int, tied: bool, n: int = 20) -> FunctionalObjective:
+    """Half the examples answer with `tokens` copies of token 1, half with token 0; one
+    parameter, the log-odds θ of token 1. ``tied``: the model decides at the first token
+    and copies it (an autoregressive model can represent the 50/50 mixture of answers);
+    otherwise every token is drawn on its own (it cannot). MLE θ* = 0 either way."""
+    y = torch.tensor([i % 2 for i in range(n)], dtype=torch.float64)
+
+    def loglik(theta: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        per_token = ys * theta[0] - torch.nn.functional.softplus(theta[0])
+        return per_token if tied else tokens * per_token
+
+    return FunctionalObjective(loglik, torch.zeros(1, dtype=torch.float64), [y[:8], y[8:]])
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_a_contradiction_the_model_can_represent_is_stable(tokens: int) -> None:
+    """Contradictory answers alone do not move α*: with the choice tied to the first token,
+    V = J = n/4 and λ = 1 whatever the answer length. A model that cannot tie the tokens
+    gets V = nT/4, J = nT²/4: λ = T, growing with the answer's length — which is why long
+    examples dominate λ_max on real data (docs/stability.md)."""
+    assert estimate(contradiction(tokens, tied=True)).lambda_max == pytest.approx(1.0, rel=1e-9)
+    untied = estimate(contradiction(tokens, tied=False))
+    assert untied.lambda_max == pytest.approx(float(tokens), rel=1e-9)
