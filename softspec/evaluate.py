@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
         "--url", default=None, help="a running gateway for this ensemble (else one is started)"
     )
     p.add_argument("--vllm-url", default=None, help="a running vLLM for the started gateway")
+    p.add_argument(
+        "--embed-url", default=None, help="a running embedder (vLLM pooling server of the base)"
+    )
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows")
     p.add_argument(
@@ -385,6 +388,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if url is None:
             extra = ["--vllm-url", args.vllm_url] if args.vllm_url else []
+            extra += ["--embed-url", args.embed_url] if args.embed_url else []
             log = Path(args.ensemble).parent / f"{Path(args.ensemble).name}.eval-serve.log"
             proc, url = start_server(args.ensemble, args.engine, log, extra)
         preds = evaluate_rows(SoftSpecClient(url), rows, baseline, args.max_tokens)
