@@ -145,6 +145,12 @@ async def models(request: Request) -> dict[str, Any]:
             "alpha": m.alpha,
             "base_model": display_name(m.base_model),
             "gate": gate_summary(request),
+            "prompt_distance": None
+            if m.density is None
+            else {
+                **m.density.model_dump(mode="json", include={"layer", "pooling", "shrinkage", "n"}),
+                "served": svc.reference is not None,
+            },
         }
     ]
     data += [

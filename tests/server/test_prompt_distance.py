@@ -117,3 +117,14 @@ def test_an_unreachable_embedder_makes_the_gateway_not_ready_and_requests_fail_c
     )
     assert r.status_code == 503
     assert r.json()["error"]["type"] == "upstream_unavailable"
+
+
+@pytest.mark.parametrize("embed", [True, False])
+def test_models_say_whether_the_distance_is_served(gateway: Factory, embed: bool) -> None:
+    client, _, _ = gateway(density=True, embed=embed)
+    entry = client.get("/v1/models").json()["data"][0]
+    assert entry["prompt_distance"] == {
+        "layer": "last", "pooling": "user", "shrinkage": 0.1, "n": 40, "served": embed
+    }  # fmt: skip
+    plain, _, _ = gateway()
+    assert plain.get("/v1/models").json()["data"][0]["prompt_distance"] is None
