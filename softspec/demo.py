@@ -78,9 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.1,
         help="share of in-distribution prompts the calibrated gate may flag (softspec train "
-        "option). The demo routes, so it trades 10 %% false flags for catching more: with 32 "
-        "calibration prompts bench/gate_calibration.py measured 11-18 %% of OOD prompts "
-        "flagged at 5 %% and 40-44 %% at 10 %% (four 20-60-step ensembles)",
+        "option). The demo routes, so it trades 10 %% false flags for catching more: on the "
+        "demo ensemble the 10 %% gate on prompt_distance flagged 86.8 %% of 106 OOD test "
+        "prompts and 11.1 %% of 81 in-distribution ones (softspec eval, README)",
     )
     p.add_argument("--alpha", type=float, default=0.8)
     p.add_argument("--max-tokens", type=int, default=48)
