@@ -99,6 +99,9 @@ class VLLMProcess:
         env = dict(os.environ)
         if not cuda_available():
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default share is too small
+            if self.embedder:  # one unpinned thread: leave the cores to the generating server
+                env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+                env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         return env
