@@ -453,7 +453,9 @@ class EnsembleService:
         """Token mode: yield each decided token, then the final :class:`Outcome` (only the
         outcome when the gate decides on the prompt alone, as in :meth:`run`)."""
         lw = renormalised(self.log_weights, job.members)
-        if self.gate_for(job).can_decide_early:
+        distance: float | None = None
+        early = self.gate_for(job).can_decide_early
+        if early:  # the prompt's scores (the distance among them) decide first
             usage = Usage()
             span = await self._content_span(job, prompt)
             scores, distance = await asyncio.gather(
@@ -468,10 +470,17 @@ class EnsembleService:
         async for step in self.engine.decode_mixture(job.members, lw, prompt, job.params):
             steps.append(step)
             yield step
-        yield await self._token_outcome(job, prompt, steps, lw)
+        if not early:
+            distance = await self._prompt_distance(prompt, await self._content_span(job, prompt))
+        yield await self._token_outcome(job, prompt, steps, lw, distance)
 
     async def _token_outcome(
-        self, job: Job, prompt: list[int], steps: list[MixtureStep], lw: np.ndarray
+        self,
+        job: Job,
+        prompt: list[int],
+        steps: list[MixtureStep],
+        lw: np.ndarray,
+        distance: float | None,
     ) -> Outcome:
         per = [s.uncertainty for s in steps]
         L = np.array([sum(s.member_logprobs[m] for s in steps) for m in job.members])
@@ -483,7 +492,7 @@ class EnsembleService:
         }
         span = await self._content_span(job, prompt)
         uncertainty.update(await self._token_novelty(job.members, prompt, span, steps, lw))
-        uncertainty[Score.PROMPT_DISTANCE.value] = await self._prompt_distance(prompt, span)
+        uncertainty[Score.PROMPT_DISTANCE.value] = distance
         self._with_combined(uncertainty)
         gate = self.gate_for(job).decide(uncertainty)
         self._observe(uncertainty, gate)

@@ -344,6 +344,10 @@ def test_prompt_distance_on_the_local_engine(
     ref = load_reference(root / manifest.density.file)
     for client, engine in local_client(root):
         served = chat(client, "ens", max_tokens=2, temperature=0)["choices"][0]["uncertainty"]
+        token = chat(client, "ens", max_tokens=2, temperature=0, ensemble={"decode": "token"})
+        assert token["choices"][0]["uncertainty"]["prompt_distance"] == pytest.approx(
+            served["prompt_distance"], rel=1e-9
+        )  # token mode serves the same number
         pre, suf = asyncio.run(_template_span(engine))
         ids = asyncio.run(engine.render_chat(QUESTION))
         hidden = asyncio.run(engine.embed(ids))
