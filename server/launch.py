@@ -222,11 +222,7 @@ def run_serve(argv: Sequence[str], choose_engine: EngineChoice = vllm_engine) ->
                 "prompt_distance is not served: the ensemble has a reference but no embedder; "
                 "pass --embed-url (a vLLM pooling server of the base) or omit --vllm-url"
             )
-        child: Restartable | None = None
-        if len(children) == 1:
-            child = children[0]
-        elif children:
-            child = ChildGroup(*children)
+        child: Restartable | None = ChildGroup(*children) if children else None
         lost: list[str] = []
         server: uvicorn.Server | None = None
 
