@@ -21,6 +21,7 @@ import pytest
 from ensemble.density import load_reference, pool_user_span
 from ensemble.manifest import load as load_manifest
 from server.vllm_process import VLLMProcess
+from tests.helpers import vllm_children
 from tests.integration.conftest import start_gateway, stop
 
 pytestmark = pytest.mark.slow
@@ -124,16 +125,10 @@ def test_a_foreign_prompt_is_far_from_the_training_prompts(
 
 def _children(gateway_pid: int) -> dict[str, int]:
     """{"vllm" | "embedder": pid} of the gateway's vLLM children."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == gateway_pid and b"vllm.entrypoints" in cmd:
-            found[("embedder" if b"pooling" in cmd else "vllm")] = int(pid)
-    return found
+    return {
+        ("embedder" if b"pooling" in cmd else "vllm"): pid
+        for pid, cmd in vllm_children(gateway_pid).items()
+    }
 
 
 def test_serve_starts_both_children_and_heals_a_killed_embedder(

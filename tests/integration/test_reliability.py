@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import vllm_children
 from tests.integration.conftest import start_gateway, stop
 
 pytestmark = pytest.mark.slow
@@ -59,23 +60,6 @@ def supervised(rel_ensemble: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
     )  # fmt: skip
     yield proc, url
     assert stop(proc) == 0
-
-
-def vllm_children(gateway_pid: int) -> list[int]:
-    """PIDs of the gateway's vLLM server children (direct children running vLLM)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == gateway_pid and b"vllm.entrypoints" in cmd:
-            found.append(int(pid))
-    return found
 
 
 def envelope(r: httpx.Response, status: int) -> dict[str, object]:
@@ -130,7 +114,7 @@ def test_a_killed_vllm_child_is_restarted_and_answers_again(
 ) -> None:
     proc, url = supervised
     assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=600).status_code == 200
-    children = vllm_children(proc.pid)
+    children = list(vllm_children(proc.pid))
     assert len(children) == 1, children
     os.kill(children[0], signal.SIGKILL)
     killed = time.monotonic()
