@@ -487,7 +487,10 @@ async def _token_stream(
     try:
         while True:
             try:
-                ev = await asyncio.wait_for(anext(events), max(0.0, ends - time.monotonic()))
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancellation (client gone, shutdown) that meets a finished await
+                async with asyncio.timeout(max(0.0, ends - time.monotonic())):
+                    ev = await anext(events)
             except StopAsyncIteration:
                 break
             except TimeoutError as exc:

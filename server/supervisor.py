@@ -151,7 +151,11 @@ class EngineSupervisor:
 
     async def _healthy(self) -> bool:
         try:
-            return await asyncio.wait_for(self.probe(), self.timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the probe's
+            # result when a cancellation arrives as the probe finishes, so the watch loop
+            # outlived the app's shutdown (which then waited on it for ever)
+            async with asyncio.timeout(self.timeout):
+                return await self.probe()
         except Exception as exc:  # a probe that fails in any way is a failed check
             log.debug("engine health check failed: %r", exc)
             return False

@@ -152,3 +152,33 @@ def test_the_cpu_embedder_runs_one_unpinned_thread(monkeypatch: pytest.MonkeyPat
     assert "--runner" in embedder.command() and "--enable-lora" not in embedder.command()
     generator = VLLMProcess("base", adapters={"a": "/x"})
     assert "VLLM_CPU_OMP_THREADS_BIND" not in generator.env()
+
+
+def test_a_cancel_that_meets_a_finishing_probe_still_stops_the_watch() -> None:
+    """The app's shutdown cancels the watch loop; the cancel can land in the very step in
+    which a health probe finishes. The loop must stop all the same (on Python 3.11,
+    ``asyncio.wait_for`` returned the probe's result and swallowed such a cancel, so the
+    loop ran on and the shutdown waited on it for ever)."""
+
+    async def scenario() -> bool:
+        probing = asyncio.Event()
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        async def probe() -> bool:
+            probing.set()
+            return await answer
+
+        watch = EngineSupervisor(probe, Metrics(), interval=0.001)
+        task = asyncio.create_task(watch.run())
+        await probing.wait()
+        answer.set_result(True)  # the probe finishes in the next step ...
+        task.cancel()  # ... and the cancel arrives in the same one
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        if not done:  # a probe that never finishes takes the next cancel (or asyncio.run's
+            watch.probe = lambda: asyncio.sleep(3600, True)  # own cancel would hang too)
+            await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.wait({task}, timeout=2.0)
+        return task in done and task.cancelled()
+
+    assert asyncio.run(scenario()), "the watch loop outlived its cancellation"
