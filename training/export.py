@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,14 @@ def export_ensemble(
     base: str,
     run_dir: Path,
     training: dict[str, Any],
+    finish: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save adapters, manifest, log and plots to ``cfg.out`` in one atomic rename."""
+    """Save adapters, manifest, log and plots to ``cfg.out`` in one atomic rename.
+
+    ``finish`` completes the directory before the rename (the prompt_distance reference,
+    the calibrated gate: both rewrite the manifest), so ``cfg.out/ensemble.json`` appears
+    only once the ensemble is final: whoever waits for it (a compose gateway, a script)
+    never loads a half-finished ensemble. When ``finish`` fails nothing is written."""
     out = Path(cfg.out)
     lora_cfg = next(iter(ens.peft.peft_config.values()))
     weights = _weights(ens.log_weights.double().cpu().numpy())
@@ -77,6 +84,8 @@ def export_ensemble(
             gate=GateSpec(),
         )
         manifest.save(tmp)
+        if finish is not None:
+            finish(tmp)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerState
 
 from ensemble.atomic import atomic_write_json, sha256_file
 from ensemble.errors import ConfigError
@@ -207,7 +207,14 @@ def train_ensemble(cfg: TrainConfig) -> TrainResult:
     )
     trainer.remove_callback(ProgressCallback)  # replaced by one that shows loss on the bar
     trainer.add_callback(PostfixProgressCallback(cfg.time_budget))
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and _finished(checkpoint, cfg):
+        # the run had reached its end and failed after (while exporting): take its final
+        # state as it is (transformers' resume would train one step past the end)
+        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        result = None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model()  # final state in the run dir (resume after a crash during export)
     steps = int(trainer.state.global_step)
     eval_loss = None
@@ -226,11 +233,23 @@ def train_ensemble(cfg: TrainConfig) -> TrainResult:
         training["member_memory"] = member_memory
         if eval_loss is not None:
             training["eval_loss"] = round(float(eval_loss), 6)
-        export_ensemble(ens, cfg, str(Path(cfg.base).resolve()), cfg.run_dir, training)
-        if cfg.reference_prompts:
-            _fit_reference(cfg, held_out)
-        if calibration:
-            _calibrate(cfg, calibration)
+
+        def finish(ens_dir: Path) -> None:  # on the directory before it is renamed into place
+            if cfg.reference_prompts:
+                _fit_reference(cfg, held_out, ens_dir)
+            if calibration:
+                _calibrate(cfg, calibration, ens_dir)
+
+        base = str(Path(cfg.base).resolve())
+        try:
+            export_ensemble(ens, cfg, base, cfg.run_dir, training, finish=finish)
+        except BaseException:
+            print(
+                f"softspec train: nothing was written to {cfg.out}; the trained state is kept "
+                f"in {cfg.run_dir}: rerun the same command with --resume to export it",
+                file=sys.stderr,
+            )
+            raise
         if not cfg.keep_checkpoints:
             shutil.rmtree(cfg.run_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -274,6 +293,14 @@ def _member_memory(
     }
 
 
+def _finished(checkpoint: Path, cfg: TrainConfig) -> bool:
+    """Whether ``checkpoint`` is the end of the run ``cfg`` asks for (its steps or epochs)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if cfg.max_steps > 0:
+        return int(state["global_step"]) >= cfg.max_steps
+    return float(state.get("epoch") or 0.0) >= cfg.epochs
+
+
 def _record_segment(run_dir: Path, checkpoint: Path | None, mode: dict[str, Any]) -> list[Any]:
     """Append this (re)start's mode to the run's history; a resume may change the mode."""
     path = run_dir / MEMBER_MEMORY_FILE
@@ -305,7 +332,7 @@ def _calibration_split(cfg: TrainConfig) -> tuple[list[list[dict[str, str]]], fr
     return held_out_prompts(rows, cfg.gate_calibration, cfg.seed)
 
 
-def _fit_reference(cfg: TrainConfig, held_out: frozenset[int]) -> None:
+def _fit_reference(cfg: TrainConfig, held_out: frozenset[int], ens_dir: Path) -> None:
     """The prompt_distance reference, fitted to the trained-on prompts (not the held-out)."""
     from training.data import read_rows
     from training.reference import MIN_REFERENCE, fit_reference, reference_prompts
@@ -319,7 +346,7 @@ def _fit_reference(cfg: TrainConfig, held_out: frozenset[int]) -> None:
         )
         return
     t0 = time.monotonic()
-    fit_reference(Path(cfg.out), prompts, source=f"{len(prompts)} distinct training prompts")
+    fit_reference(ens_dir, prompts, source=f"{len(prompts)} distinct training prompts")
     print(
         f"softspec train: prompt_distance reference fitted to {len(prompts)} training prompts "
         f"in {time.monotonic() - t0:.0f}s",
@@ -327,14 +354,13 @@ def _fit_reference(cfg: TrainConfig, held_out: frozenset[int]) -> None:
     )
 
 
-def _calibrate(cfg: TrainConfig, prompts: list[list[dict[str, str]]]) -> None:
+def _calibrate(cfg: TrainConfig, prompts: list[list[dict[str, str]]], ens_dir: Path) -> None:
     """Fit the ``combined`` gate on the held-out prompts and write it into the manifest."""
     from ensemble.manifest import load as load_manifest
     from training.calibrate import fit_gate
 
-    out = Path(cfg.out)
-    gate = fit_gate(out, prompts, cfg.gate_rate)
-    load_manifest(out).model_copy(update={"gate": gate}).save(out)
+    gate = fit_gate(ens_dir, prompts, cfg.gate_rate)
+    load_manifest(ens_dir).model_copy(update={"gate": gate}).save(ens_dir)
 
 
 def _summary(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from ensemble.errors import ConfigError
@@ -103,3 +104,44 @@ def test_without_a_reference_the_gate_is_calibrated_on_prompt_novelty(
     assert manifest.density is None and not (out / "reference.npz").exists()
     assert manifest.gate.calibration is not None
     assert manifest.gate.calibration.components == ["prompt_novelty"]
+
+
+def test_the_ensemble_appears_only_when_complete_and_a_failed_finish_loses_nothing(
+    calibrated: Path, tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The reference and the gate are fitted before the directory is renamed into place, so
+    whoever waits for ``ensemble.json`` (compose's gateway) never loads an ensemble without
+    them; when that last step fails nothing is written and ``--resume`` finishes it."""
+    import training.calibrate
+
+    out = tmp_path / "ens"
+    fit_gate, seen = training.calibrate.fit_gate, []
+
+    def failing(ens_dir: Path, *args: object, **kw: object) -> object:
+        seen.append((out.exists(), (ens_dir / "reference.npz").exists()))
+        raise ConfigError("calibration broke")
+
+    monkeypatch.setattr(training.calibrate, "fit_gate", failing)
+    cmd = ["train", "sft", "--base", str(tiny_llama_dir), "--data",
+           str(calibrated.parent / "d.jsonl"), "--out", str(out), "--members", "2",
+           "--max-steps", "1", "--batch-size", "8", "--gate-calibration", "20",
+           "--gate-rate", "0.1", *FAST]  # fmt: skip
+    assert main(cmd) == 2
+    assert seen == [(False, True)]  # calibrating a complete, not yet visible directory
+    assert not out.exists() and not list(tmp_path.glob(".*ens*.*")), list(tmp_path.iterdir())
+    assert "rerun the same command with --resume" in capsys.readouterr().err
+    monkeypatch.setattr(training.calibrate, "fit_gate", fit_gate)
+    assert main([*cmd, "--resume"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.gate.calibration is not None and manifest.density is not None
+    assert manifest.training["steps"] == 1  # not trained past the end
+    # the very weights an uninterrupted run exports (the finished state, not a fresh init)
+    from tests.training.test_trainer import adapter_tensors
+
+    plain = tmp_path / "plain"
+    assert main([*cmd[: cmd.index("--out") + 1], str(plain), *cmd[cmd.index("--out") + 2 :]]) == 0
+    want, got = adapter_tensors(plain), adapter_tensors(out)
+    for member, tensors in want.items():
+        for name, t in tensors.items():
+            assert torch.allclose(t, got[member][name], atol=1e-6), (member, name)
