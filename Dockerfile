@@ -94,10 +94,19 @@ RUN pip install -q "$(ls /dist/softspec-*.whl)[serve,train]" \
  && python3 -c "import vllm, peft, server.vllm_plugin"
 
 # vLLM's CPU kernels link libnuma (not in slim/minbase images); numba's OpenMP pool libgomp.
+# vLLM on CPU compiles parts of the sampling path with torch.compile (inductor) on the first
+# request: that needs a C++ compiler and Python's headers, or the engine core dies on the
+# first generate ("InvalidCxxCompiler", then "Python.h: No such file"). python:3.11-slim
+# ships the headers of its own Python; Debian's python3 needs python3-dev.
 FROM runtime AS full-runtime
-RUN apt-get update -q \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libnuma1 libgomp1 \
- && rm -rf /var/lib/apt/lists/*
+RUN set -e; \
+    pkgs="libnuma1 libgomp1 g++"; \
+    inc="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"; \
+    [ -f "$inc/Python.h" ] || pkgs="$pkgs python3-dev"; \
+    apt-get update -q; \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $pkgs; \
+    rm -rf /var/lib/apt/lists/*; \
+    python3 -c 'import sysconfig, os; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")'
 
 FROM full-runtime AS full
 COPY --from=full-build /opt/venv /opt/venv

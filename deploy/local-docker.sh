@@ -14,6 +14,9 @@
 #   base     a python3 base image made locally, since none can be pulled:
 #            debootstrap --variant=minbase bookworm + python3, python3-venv, ca-certificates,
 #            then `docker import` as $LOCAL_BASE_IMAGE (default softspec-base:bookworm)
+#   prom     a Prometheus image from Debian's prometheus package on that base, as
+#            $LOCAL_PROMETHEUS_IMAGE (default softspec-prometheus:bookworm): prom/prometheus
+#            cannot be pulled either; compose's monitoring profile takes it via PROMETHEUS_IMAGE
 #   stage    deploy/local/ (git-ignored): the host's CA bundle (pip in the build trusts it)
 #            and the local CPU torch wheel from pip's find-links (the registry's torch is
 #            the multi-GB CUDA build)
@@ -24,6 +27,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(dirname "$HERE")"
 STATE="${LOCAL_DOCKER_STATE:-/var/tmp/softspec-docker}"
 BASE="${LOCAL_BASE_IMAGE:-softspec-base:bookworm}"
+PROM="${LOCAL_PROMETHEUS_IMAGE:-softspec-prometheus:bookworm}"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 LOCAL="$HERE/local"
 
@@ -74,6 +78,22 @@ do_base() {
     log "imported $BASE"
 }
 
+do_prom() {
+    if docker image inspect "$PROM" >/dev/null 2>&1; then
+        log "Prometheus image $PROM exists"
+        return
+    fi
+    log "building $PROM from Debian's prometheus package"
+    # the official image's layout: the binary as entrypoint, config and data paths as below
+    printf '%s\n' \
+        "FROM $BASE" \
+        "RUN apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus && rm -rf /var/lib/apt/lists/* && mkdir -p /prometheus" \
+        'ENTRYPOINT ["/usr/bin/prometheus"]' \
+        'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]' \
+        | docker build --network host -q -t "$PROM" - >/dev/null
+    log "built $PROM"
+}
+
 find_links() {
     # pip's find-links from its config and environment (space-separated directories)
     { pip config list 2>/dev/null || true; } | sed -n "s/^[^=]*find-links='\(.*\)'$/\1/p"
@@ -105,6 +125,7 @@ do_env() {
     # No pytorch.org here: torch comes from deploy/local/ (staged above).
     echo "export TORCH_INDEX_URL="
     echo "export DOCKER_BUILD_NETWORK=host"
+    echo "export PROMETHEUS_IMAGE=$PROM"
     # Compose v1 waits 60 s per engine call; a container of the full image takes longer on vfs
     echo "export COMPOSE_HTTP_TIMEOUT=600"
 }
@@ -128,11 +149,12 @@ case "${1:-}" in
     install) do_install ;;
     start) do_install; do_start ;;
     base) do_base ;;
+    prom) do_prom ;;
     stage) do_stage ;;
-    setup) do_install; do_start; do_base; do_stage ;;
+    setup) do_install; do_start; do_base; do_prom; do_stage ;;
     env) do_env ;;
     test)
-        do_install; do_start; do_base; do_stage
+        do_install; do_start; do_base; do_prom; do_stage
         eval "$(do_env)"
         cd "$REPO"
         nice -n 10 make deploy-test

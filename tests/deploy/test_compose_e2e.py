@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "deploy" / "compose.yaml"
 REPORT = REPO / "reports" / "deploy-e2e.json"
 IMAGES = {"full": "softspec:local", "gateway": "softspec-gateway:local"}
-PROMETHEUS_IMAGE = "prom/prometheus:v2.53.4"
+PROMETHEUS_IMAGE = os.environ.get("PROMETHEUS_IMAGE") or "prom/prometheus:v2.53.4"
 # A tiny ensemble: enough to serve, minutes not hours on 2 cores.
 POPULATE_ARGS = ["--members", "2", "--max-steps", "2", "--batch-size", "2", "--max-length", "128"]
 POPULATE_ARGS += ["--drop-overlong"]
@@ -259,8 +259,14 @@ def test_chat_through_the_openai_sdk(stack: Stack) -> None:
     u = choice["uncertainty"]
     assert u["epistemic"] >= 0 and u["aleatoric"] >= 0
     assert u["total"] == pytest.approx(u["epistemic"] + u["aleatoric"], abs=1e-9)
+    # populate's ensemble has a density reference: the embedder service serves the distance
+    # and the gate is calibrated on it
+    assert u["prompt_distance"] > 0, u
     assert sum(choice["responsibilities"].values()) == pytest.approx(1.0, abs=1e-9)
     assert body["gate"]["decision"] in ("pass", "flag")
+    listing = httpx.get(f"{stack.url}/v1/models", timeout=10).json()["data"][0]
+    assert listing["prompt_distance"]["served"] is True, listing
+    assert listing["gate"]["calibration"]["components"] == ["prompt_distance"], listing["gate"]
 
 
 def test_streaming_through_the_openai_sdk(stack: Stack) -> None:
@@ -302,7 +308,7 @@ def test_prometheus_scrapes_the_stack(stack: Stack) -> None:
     def up() -> bool:
         r = httpx.get(f"{prom}/api/v1/query", params={"query": "up"}, timeout=5).json()
         jobs = {x["metric"]["job"]: x["value"][1] for x in r["data"]["result"]}
-        return jobs.get("softspec-gateway") == "1" and jobs.get("vllm") == "1"
+        return all(jobs.get(job) == "1" for job in ("softspec-gateway", "vllm", "embedder"))
 
     stack.record("prometheus_up_s", round(wait_for("Prometheus targets up", up, 180), 1))
 

@@ -995,6 +995,20 @@ def test_dockerfile_targets_and_the_lean_gateway() -> None:
         assert [op for op, _ in stages[target][1:]] == ["COPY"], stages[target]
 
 
+def test_the_full_image_can_compile_what_vllm_compiles_on_cpu() -> None:
+    """vLLM on CPU runs torch.compile (inductor) on the first generate: without a C++
+    compiler and Python's headers in the image its engine core dies on the first request
+    (what `make deploy-test` hit). The vLLM image's runtime stage installs both."""
+    stages = dockerfile_stages()
+    runs = " ".join(a for n in stage_parents(stages, "full") for op, args in stages[n]
+                    if op == "RUN" for a in args)  # fmt: skip
+    assert re.search(r"\bg\+\+", runs), "no C++ compiler in the full image"
+    assert "python3-dev" in runs and "Python.h" in runs, "Python's headers are not ensured"
+    gateway = " ".join(a for n in stage_parents(stages, "gateway") for op, args in stages[n]
+                       if op == "RUN" for a in args)  # fmt: skip
+    assert "g++" not in gateway, "the lean gateway image needs no compiler"
+
+
 def test_local_build_files_stay_out_of_git() -> None:
     ignore = (DEPLOY / "local" / ".gitignore").read_text().split()
     assert ignore[0] == "*" and set(ignore[1:]) <= {"!.gitignore", "!README.md"}
