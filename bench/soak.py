@@ -206,19 +206,24 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def vllm_child(gateway_pid: int) -> int | None:
-    """The gateway's vLLM server process (a direct child running the vLLM entrypoint)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+def vllm_children(gateway_pid: int) -> dict[int, bytes]:
+    """The gateway's vLLM server children (direct children running a vLLM entrypoint):
+    PID → command line (NUL-separated, as in /proc). The integration tests use it too."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
         if int(stat.rsplit(")", 1)[1].split()[1]) == gateway_pid and b"vllm.entrypoints" in cmd:
-            return int(pid)
-    return None
+            found[int(pid)] = cmd
+    return found
+
+
+def vllm_child(gateway_pid: int) -> int | None:
+    """The gateway's vLLM server process (the first of :func:`vllm_children`)."""
+    return next(iter(vllm_children(gateway_pid)), None)
 
 
 async def fault(

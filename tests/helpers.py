@@ -102,21 +102,3 @@ def randomize_lora_b(ens, seed: int = 0, scale: float = 0.3) -> None:  # type: i
         for n, p in ens.peft.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-
-
-def vllm_children(gateway_pid: int) -> dict[int, bytes]:
-    """The gateway's vLLM server children (direct children running a vLLM entrypoint):
-    PID → command line (NUL-separated, as in /proc)."""
-    import os
-    from pathlib import Path
-
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == gateway_pid and b"vllm.entrypoints" in cmd:
-            found[int(pid)] = cmd
-    return found

@@ -18,10 +18,10 @@ import numpy as np
 import openai
 import pytest
 
+from bench.soak import vllm_children
 from ensemble.density import load_reference, pool_user_span
 from ensemble.manifest import load as load_manifest
 from server.vllm_process import VLLMProcess
-from tests.helpers import vllm_children
 from tests.integration.conftest import start_gateway, stop
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import vllm_children
+from bench.soak import vllm_children
 from tests.integration.conftest import start_gateway, stop
 
 pytestmark = pytest.mark.slow
