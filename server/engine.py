@@ -23,6 +23,7 @@ __all__ = [
     "MixtureStep",
     "ReadyState",
     "SamplingParams",
+    "TokenDecodeBroken",
     "TokenScores",
 ]
 
@@ -85,6 +86,16 @@ class MixtureStep:
     uncertainty: dict[str, float]  # exact full-vocabulary total / aleatoric / epistemic
     member_logprobs: dict[str, float]  # log q_k(token) per member
     finish_reason: str | None = None
+
+
+class TokenDecodeBroken(Exception):
+    """Token mode could not go on (an engine that decodes groups in lock-step saw its group
+    split); ``produced`` tokens were already yielded, ``reason`` says why."""
+
+    def __init__(self, reason: str, produced: int) -> None:
+        super().__init__(f"lock-step decoding broke off after {produced} tokens: {reason}")
+        self.reason = reason
+        self.produced = produced
 
 
 @dataclass
@@ -172,5 +183,6 @@ class Engine(ABC):
         prompt_ids: Sequence[int],
         params: SamplingParams,
     ) -> AsyncIterator[MixtureStep]:
-        """Token mode: sample each token from q̄_t = Σ π_k q_k,t (local engine only)."""
+        """Token mode: sample each token from q̄_t = Σ π_k q_k,t; may raise
+        :class:`TokenDecodeBroken`."""
         raise NotImplementedError(f"the {self.kind} engine has no token-level decoding")

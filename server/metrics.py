@@ -78,6 +78,22 @@ class Metrics:
         self.deadline_exceeded = Counter(
             "softspec_deadline_exceeded_total", "requests cut off by their deadline", registry=r
         )
+        # --- token mode on vLLM: lock-step groups (server/lockstep.py) ------------------
+        self.lockstep = Counter(
+            "softspec_lockstep_requests_total",
+            "token-mode requests on an engine that decodes member groups in lock-step",
+            # exact: one group decoded the answer | resumed: after a split group, from the
+            # tokens decided before it | fallback: answered in sequence mode | broken: the
+            # stream ended with an error after tokens had gone out
+            ["outcome"],
+            registry=r,
+        )
+        self.lockstep_splits = Counter(
+            "softspec_lockstep_splits_total",
+            "lock-step groups that split",
+            ["reason"],  # incomplete (a member was not in the step) | diverged (rows differ)
+            registry=r,
+        )
         self.engine_up = Gauge(
             "softspec_engine_up", "1 while the engine answers its health check", registry=r
         )

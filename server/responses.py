@@ -76,6 +76,7 @@ def _extras(job: Job, out: Outcome) -> dict[str, Any]:
     if job.options.per_token:
         uncertainty["per_token"] = per_token_entries(out)
     extra: dict[str, Any] = {"uncertainty": uncertainty, "responsibilities": out.responsibilities}
+    extra["decode"] = {"mode": out.decode, "fallback": out.decode_fallback}
     if out.candidates is not None:
         extra["candidates"] = candidate_entries(out.candidates)
     return extra

@@ -518,6 +518,9 @@ async def _token_stream(
                 for piece in held:
                     yield sse(frames.delta(piece, role=first))
                     first = False
+            elif ev.decode_fallback is not None and ev.text:  # answered in sequence mode
+                yield sse(frames.delta(ev.text, role=first))
+                first = False
             finish = "content_filter" if ev.gate.decision == "abstain" else ev.finish_reason
             if first:
                 yield sse(frames.delta("", role=True))

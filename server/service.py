@@ -29,8 +29,16 @@ from ensemble.manifest import EnsembleManifest
 from ensemble.math import responsibilities
 from ensemble.novelty import novelty
 from ensemble.scores import Score
-from server.engine import BASE, Engine, Generation, MixtureStep, SamplingParams, TokenScores
-from server.errors import InvalidRequestError, ModelNotFoundError
+from server.engine import (
+    BASE,
+    Engine,
+    Generation,
+    MixtureStep,
+    SamplingParams,
+    TokenDecodeBroken,
+    TokenScores,
+)
+from server.errors import InvalidRequestError, ModelNotFoundError, UpstreamError
 from server.fallback import Fallback, FallbackError, FallbackStream
 from server.gate import GateAction, GateDecision, GatePolicy, RequestGate, request_gate
 from server.metrics import Metrics
@@ -107,6 +115,8 @@ class Outcome:
     candidates: CandidateTable | None = None
     token_texts: dict[int, str] = field(default_factory=dict)
     per_token: list[dict[str, float]] = field(default_factory=list)  # scores per answer token
+    decode: str = "sequence"  # the mode that produced the answer ("token" | "sequence")
+    decode_fallback: str | None = None  # why token mode answered in sequence mode
 
 
 class EnsembleService:
@@ -467,9 +477,23 @@ class EnsembleService:
                 yield stopped
                 return
         steps: list[MixtureStep] = []
-        async for step in self.engine.decode_mixture(job.members, lw, prompt, job.params):
-            steps.append(step)
-            yield step
+        try:
+            async for step in self.engine.decode_mixture(job.members, lw, prompt, job.params):
+                steps.append(step)
+                yield step
+        except TokenDecodeBroken as exc:
+            if steps:  # tokens went out: the answer cannot be taken back
+                self.metrics.lockstep.labels("broken").inc()
+                raise UpstreamError(
+                    f"{exc}; the answer stops here (retry, or use ensemble.decode='sequence')"
+                ) from exc
+            self.metrics.lockstep.labels("fallback").inc()
+            seq = replace(
+                job, options=job.options.model_copy(update={"decode": DecodeMode.SEQUENCE})
+            )
+            out = await self.run(seq, early=False)  # the prompt's gate, if any, has passed
+            yield replace(out, decode_fallback=str(exc))
+            return
         if not early:
             distance = await self._prompt_distance(prompt, await self._content_span(job, prompt))
         yield await self._token_outcome(job, prompt, steps, lw, distance)
@@ -512,6 +536,7 @@ class EnsembleService:
             top_logprobs=[dict(list(s.top.items())[: job.top_logprobs]) for s in steps],
             token_texts={s.token_id: s.text for s in steps},
             per_token=per,
+            decode="token",
         )
 
     async def _token_novelty(

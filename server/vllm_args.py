@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from ensemble.errors import SoftspecError
 from ensemble.manifest import EnsembleManifest
+from server.lockstep import vllm_flags as lockstep_flags
 
 __all__ = [
     "VLLM_MODULE",
@@ -105,9 +106,13 @@ def server_args(
     max_model_len: int = 2048,
     dtype: str = "float32",
     eager: bool = False,
+    lockstep: bool = True,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The arguments after ``python -m vllm.entrypoints.openai.api_server`` (pure)."""
+    """The arguments after ``python -m vllm.entrypoints.openai.api_server`` (pure).
+
+    With adapters and ``lockstep``, the lock-step processor and group scheduler are loaded
+    (token mode, :mod:`server.lockstep`)."""
     args = [
         "--model", model,
         "--host", host, "--port", str(port),
@@ -121,6 +126,8 @@ def server_args(
         args += ["--enable-lora", "--max-loras", str(len(adapters))]
         args += ["--max-lora-rank", str(lora_rank_bucket(max_lora_rank))]
         args += ["--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
+        if lockstep:
+            args += lockstep_flags(len(adapters), max_model_len)
     if eager:  # the CPU backend: eager mode starts faster
         args += ["--enforce-eager"]
     return args + list(extra)

@@ -34,8 +34,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 import time
-from collections.abc import AsyncIterator, Sequence
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -43,7 +46,17 @@ import numpy as np
 import orjson
 
 from ensemble.manifest import EnsembleManifest
-from server.engine import BASE, Engine, Generation, ReadyState, SamplingParams, TokenScores
+from ensemble.math import align_top_logprobs, token_uncertainty
+from server.engine import (
+    BASE,
+    Engine,
+    Generation,
+    MixtureStep,
+    ReadyState,
+    SamplingParams,
+    TokenDecodeBroken,
+    TokenScores,
+)
 from server.errors import (
     APIError,
     InvalidRequestError,
@@ -52,12 +65,25 @@ from server.errors import (
     UpstreamUnavailableError,
 )
 from server.http import UpstreamClient
+from server.lockstep import xargs
 from server.metrics import Metrics
 
 __all__ = ["VLLMEngine"]
 
 _ID_PREFIX = "token_id:"
 EMBEDDER = "@embed"  # the pooling server, as a member label in the metrics
+
+
+@dataclass
+class _Row:
+    """One member's token at one answer position, from its stream."""
+
+    token: int
+    logprob: float
+    top: dict[int, float]
+    text: str
+    finish_reason: str | None = None
+    stop_reason: Any = None
 
 
 def _token_id(key: str) -> int:
@@ -101,6 +127,8 @@ class VLLMEngine(Engine):
     """See the module docstring."""
 
     kind = "vllm"
+    supports_token_decode = True
+    LOCKSTEP_ATTEMPTS = 3  # groups per token-mode request before falling back
 
     def __init__(
         self,
@@ -129,6 +157,7 @@ class VLLMEngine(Engine):
         self._texts: dict[int, str] = {}
         self._base_id: str | None = None  # vLLM's id of the base model (adapters off)
         self._batching = _BaseExclusive()  # base requests never batch with adapter requests
+        self._abort_token: int | None = None  # lock-step: the token a split group stops on
         self.max_model_len = max_model_len
 
     # ------------------------------------------------------------------ plumbing
@@ -175,12 +204,7 @@ class VLLMEngine(Engine):
         finally:
             if self.metrics is not None:
                 self.metrics.upstream_latency.labels(member, op).observe(time.perf_counter() - t0)
-        if resp.status_code >= 500:
-            self._count(member, "server_error")
-            raise UpstreamError(f"the engine failed on {op} ({resp.status_code}): {_message(resp)}")
-        if resp.status_code >= 400:
-            self._count(member, "rejected")
-            raise InvalidRequestError(f"the engine rejected the request: {_message(resp)}")
+        self._check(resp, member, op)
         return orjson.loads(resp.content)
 
     def _count(self, member: str, kind: str) -> None:
@@ -367,6 +391,188 @@ class VLLMEngine(Engine):
                 self._texts[tok] = actual["decoded_token"]
             tops.append({int(k): v["logprob"] for k, v in entry.items()} if top_n else {})
         return TokenScores(list(cand), logprobs, tops)
+
+    # ------------------------------------------------------------------ token mode
+
+    def decode_mixture(
+        self,
+        members: Sequence[str],
+        log_weights: Any,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+    ) -> AsyncIterator[MixtureStep]:
+        """Lock-step mixture decoding inside vLLM (:mod:`server.lockstep`): the K member
+        requests go out as one group; each position's token is the group's, and each row's
+        raw top-N log-probs give the token-level decomposition (top-N, aligned by
+        :func:`ensemble.math.align_top_logprobs`).
+
+        A group that splits (a member missed a step: ``stop_reason`` is the abort token; or
+        the rows' tokens differ: vLLM runs without the lock-step processor) is resumed as a
+        new group from the tokens decided before the split, up to
+        :attr:`LOCKSTEP_ATTEMPTS` groups; then :class:`TokenDecodeBroken`."""
+        return self._lockstep(
+            list(members), np.asarray(log_weights, dtype=np.float64), list(prompt_ids), params
+        )
+
+    async def _abort(self) -> int:
+        """The abort token: the chat template's first token (BOS or a turn marker), which
+        a model does not emit inside an answer. Were the mixture to choose it, the group
+        would look split and be resumed or answered in sequence mode: slower, still right."""
+        if self._abort_token is None:
+            self._abort_token = (await self.render_chat([{"role": "user", "content": "x"}]))[0]
+        return self._abort_token
+
+    async def _lockstep(
+        self, members: list[str], lw: np.ndarray, prompt: list[int], params: SamplingParams
+    ) -> AsyncIterator[MixtureStep]:
+        abort = await self._abort()
+        done: list[int] = []
+        reason = ""
+        for attempt in range(self.LOCKSTEP_ATTEMPTS):
+            seed = None if params.seed is None else params.seed + attempt
+            group = uuid.uuid4().hex
+            left = replace(params, max_tokens=params.max_tokens - len(done))
+            async with contextlib.AsyncExitStack() as stack:
+                rows = []
+                for i, m in enumerate(members):
+                    it = self._member_rows(
+                        m, i, len(members), float(math.exp(lw[i])), group, seed, prompt + done,
+                        left, abort,
+                    )  # fmt: skip
+                    rows.append(await stack.enter_async_context(contextlib.aclosing(it)))
+                while True:
+                    try:
+                        at = await asyncio.gather(*(anext(r) for r in rows))
+                    except StopAsyncIteration:
+                        reason = "diverged"  # one row ended before the others
+                        break
+                    tokens = {r.token for r in at}
+                    if len(tokens) > 1:
+                        reason = "diverged"
+                        break
+                    if at[0].token == abort and any(r.stop_reason == abort for r in at):
+                        reason = "incomplete"
+                        break
+                    step = self._mixture_step(members, lw, at, params.top_n)
+                    done.append(step.token_id)
+                    yield step
+                    if step.finish_reason is not None:
+                        if self.metrics is not None:
+                            self.metrics.lockstep.labels("resumed" if attempt else "exact").inc()
+                        return
+            if self.metrics is not None:
+                self.metrics.lockstep_splits.labels(reason).inc()
+        raise TokenDecodeBroken(f"the member group split {self.LOCKSTEP_ATTEMPTS} times "
+                                f"(last: {reason})", len(done))  # fmt: skip
+
+    def _mixture_step(
+        self, members: list[str], lw: np.ndarray, at: list[_Row], top_n: int
+    ) -> MixtureStep:
+        tok = at[0].token
+        dists = [{**r.top, tok: r.logprob} for r in at]
+        aligned = align_top_logprobs(dists)  # (K, U + 1), last column: the rest
+        mix = np.logaddexp.reduce(lw[:, None] + aligned, axis=0)
+        union = list(dict.fromkeys(t for d in dists for t in d))
+        order = np.argsort(-mix[:-1], kind="stable")[:top_n]
+        return MixtureStep(
+            token_id=tok,
+            text=at[0].text,
+            logprob=float(np.logaddexp.reduce(lw + np.array([r.logprob for r in at]))),
+            top={union[j]: float(mix[j]) for j in order},
+            uncertainty=token_uncertainty(aligned, lw),
+            member_logprobs={m: r.logprob for m, r in zip(members, at, strict=True)},
+            finish_reason=at[0].finish_reason,
+        )
+
+    async def _member_rows(
+        self,
+        member: str,
+        index: int,
+        size: int,
+        weight: float,
+        group: str,
+        seed: int | None,
+        prompt: list[int],
+        params: SamplingParams,
+        abort: int,
+    ) -> AsyncGenerator[_Row, None]:
+        """One member's streamed answer, one :class:`_Row` per token (a chunk's text goes
+        with its last token; a finish reason that comes alone goes with the last token)."""
+        body: dict[str, Any] = {
+            "model": self.served(member),
+            "prompt": prompt,
+            "max_tokens": params.max_tokens,
+            "temperature": 0.0,  # the processor decides; the forced row has one choice
+            "logprobs": params.top_n,
+            "return_tokens_as_token_ids": True,
+            "stop_token_ids": [abort],
+            "stream": True,
+            "vllm_xargs": xargs(
+                group,
+                index,
+                size,
+                weight,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seed=seed,
+                abort=abort,
+            ),
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        t0 = time.perf_counter()
+        pending: _Row | None = None
+        try:
+            async with (
+                self._batching.hold(exclusive=False),
+                self.client.stream("POST", "/v1/completions", json=body) as resp,
+            ):
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    self._check(resp, member, "decode")
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choice = orjson.loads(line[6:])["choices"][0]
+                    lp = choice.get("logprobs") or {}
+                    ids = lp.get("tokens") or []
+                    for j, key in enumerate(ids):
+                        if pending is not None:
+                            yield pending
+                        pending = _Row(
+                            _token_id(key),
+                            float(lp["token_logprobs"][j]),
+                            {_token_id(k): v for k, v in (lp["top_logprobs"][j] or {}).items()},
+                            choice.get("text", "") if j == len(ids) - 1 else "",
+                        )
+                    if choice.get("finish_reason") and pending is not None:
+                        pending.finish_reason = choice["finish_reason"]
+                        pending.stop_reason = choice.get("stop_reason")
+        except httpx.TimeoutException as exc:
+            self._count(member, "timeout")
+            raise UpstreamTimeoutError(
+                f"the engine did not answer decode for member {member} within {self.timeout:.0f}s"
+            ) from exc
+        except httpx.TransportError as exc:
+            self._count(member, "unavailable")
+            raise UpstreamUnavailableError(
+                f"the engine at {self.base_url} is unreachable ({type(exc).__name__}); retry later"
+            ) from exc
+        finally:
+            if self.metrics is not None:
+                self.metrics.upstream_latency.labels(member, "decode").observe(
+                    time.perf_counter() - t0
+                )
+        if pending is not None:
+            yield pending
+
+    def _check(self, resp: httpx.Response, member: str, op: str) -> None:
+        if resp.status_code >= 500:
+            self._count(member, "server_error")
+            raise UpstreamError(f"the engine failed on {op} ({resp.status_code}): {_message(resp)}")
+        if resp.status_code >= 400:
+            self._count(member, "rejected")
+            raise InvalidRequestError(f"the engine rejected the request: {_message(resp)}")
 
 
 def _message(resp: httpx.Response) -> str:
