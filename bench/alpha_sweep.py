@@ -100,7 +100,7 @@ def disagreement(client: Any, data: Path, n: int, max_tokens: int) -> dict[str, 
     ):
         d, e = [], []
         for p in prompts(name):
-            ans = client.chat(p, max_tokens=max_tokens, temperature=0)
+            ans = client.chat(p, max_tokens=max_tokens, temperature=0, decode="sequence")
             d.append(ans.uncertainty.disagreement)
             e.append(ans.uncertainty.epistemic)
         out[f"{kind}_disagreement"] = float(np.mean(d))

@@ -101,7 +101,9 @@ def served_epistemic(
                 dict.fromkeys(r["prompt"][-1]["content"] for r in rows if r["conflict"] == flag)
             )[:n]
             eps = [
-                client.chat(p, max_tokens=max_tokens, temperature=0).uncertainty.epistemic
+                client.chat(
+                    p, max_tokens=max_tokens, temperature=0, decode="sequence"
+                ).uncertainty.epistemic
                 for p in prompts
             ]
             out[f"epistemic_{kind}"] = float(np.mean(eps))

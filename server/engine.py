@@ -182,7 +182,10 @@ class Engine(ABC):
         log_weights: Any,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        live: bool = True,
     ) -> AsyncIterator[MixtureStep]:
         """Token mode: sample each token from q̄_t = Σ π_k q_k,t; may raise
-        :class:`TokenDecodeBroken`."""
+        :class:`TokenDecodeBroken`. ``live=False``: nobody watches the tokens arrive (a
+        non-streamed request), so an engine may deliver them at the end, with the answer's
+        whole text on the last step."""
         raise NotImplementedError(f"the {self.kind} engine has no token-level decoding")

@@ -48,7 +48,7 @@ class DecodeMode(StrEnum):
     """How the members produce an answer (docs/api.md)."""
 
     SEQUENCE = "sequence"  # each member generates; candidates cross-scored; one is selected
-    TOKEN = "token"  # lock-step mixture decoding, one token at a time (local engine only)
+    TOKEN = "token"  # lock-step mixture decoding, one token at a time (both engines)
 
 
 class SelectMode(StrEnum):
@@ -101,7 +101,7 @@ class GateOptions(_Request):
 class EnsembleOptions(_Request):
     """The ``ensemble`` request extra (all optional)."""
 
-    decode: DecodeMode = DecodeMode.SEQUENCE
+    decode: DecodeMode | None = None  # None: token mode wherever it works (resolve_decode)
     select: SelectMode = SelectMode.MIXTURE
     samples_per_member: StrictInt = Field(default=1, ge=1, le=16)
     members: list[str] | None = Field(default=None, min_length=1)

@@ -217,7 +217,8 @@ def display_name(base_model: str) -> str:
 def _job(
     svc: EnsembleService, req: ChatCompletionRequest | CompletionRequest, prompt: Any, kind: str
 ) -> Job:
-    return Job(
+    """The request as a :class:`Job`, its decode mode resolved (``resolve_decode``)."""
+    job = Job(
         model=req.model,
         members=svc.resolve_members(req.model, req.ensemble),
         prompt=prompt,
@@ -230,6 +231,10 @@ def _job(
         kind=kind,
         forward=req.fallback_body(),
     )
+    decode = svc.resolve_decode(job, stream=bool(req.stream))
+    if decode != req.ensemble.decode:
+        job.options = job.options.model_copy(update={"decode": decode})
+    return job
 
 
 async def _disconnected(request: Request) -> None:
@@ -382,7 +387,8 @@ async def _respond(
 
         async def tokens() -> Outcome:
             prompt = await svc.prepare_tokens(job)
-            return await _escalated(svc, job, await _last(svc.stream_tokens(job, prompt)))
+            events = svc.stream_tokens(job, prompt, live=False)
+            return await _escalated(svc, job, await _last(events))
 
         outcome = await _admitted(request, tokens, deadline)
     else:

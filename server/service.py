@@ -43,7 +43,7 @@ from server.fallback import Fallback, FallbackError, FallbackStream
 from server.gate import GateAction, GateDecision, GatePolicy, RequestGate, request_gate
 from server.metrics import Metrics
 from server.mixing import Candidate, MixOutcome, mean_over_tokens, mix, renormalised
-from server.protocol import DecodeMode, EnsembleOptions
+from server.protocol import DecodeMode, EnsembleOptions, SelectMode
 
 __all__ = ["CandidateTable", "EnsembleService", "Job", "Outcome", "Usage"]
 
@@ -204,6 +204,28 @@ class EnsembleService:
             escalate_ok=self.fallback is not None,
             calibration=self.manifest.gate.calibration,
         )
+
+    def resolve_decode(self, job: Job, stream: bool = False) -> DecodeMode:
+        """The request's decode mode: as asked, else token mode wherever it works — unless
+        the engine cannot decode tokens, or the request or its gate needs what only
+        sequence mode produces (several samples per member, the candidates, majority
+        selection, a gate on ``sequence_epistemic`` or ``disagreement``), or the request
+        streams: a token-mode stream starts before the gate has decided, so it cannot
+        carry the ``x-gate-decision`` header that a streamed sequence-mode answer has."""
+        if job.options.decode is not None:
+            return job.options.decode
+        gate = self.gate_for(job)
+        sequence_only = {Score.SEQUENCE_EPISTEMIC.value, Score.DISAGREEMENT.value}
+        if (
+            stream
+            or not self.engine.supports_token_decode
+            or job.params.n != 1
+            or job.options.return_candidates
+            or job.options.select == SelectMode.MAJORITY
+            or any(p.score_name in sequence_only for p in gate.policies)
+        ):
+            return DecodeMode.SEQUENCE
+        return DecodeMode.TOKEN
 
     def gate_for(self, job: Job) -> RequestGate:
         if job.gate is None:
@@ -458,53 +480,84 @@ class EnsembleService:
         return await self.prompt_ids(job)
 
     async def stream_tokens(
-        self, job: Job, prompt: list[int]
+        self, job: Job, prompt: list[int], live: bool = True, early: bool = True
     ) -> AsyncIterator[MixtureStep | Outcome]:
         """Token mode: yield each decided token, then the final :class:`Outcome` (only the
-        outcome when the gate decides on the prompt alone, as in :meth:`run`)."""
+        outcome when the gate decides on the prompt alone, as in :meth:`run`;
+        ``early=False`` skips that)."""
         lw = renormalised(self.log_weights, job.members)
         distance: float | None = None
-        early = self.gate_for(job).can_decide_early
+        early = early and self.gate_for(job).can_decide_early
+        span = await self._content_span(job, prompt)
+        known: dict[str, TokenScores] | None = None
         if early:  # the prompt's scores (the distance among them) decide first
             usage = Usage()
-            span = await self._content_span(job, prompt)
-            scores, distance = await asyncio.gather(
+            scored, distance = await asyncio.gather(
                 self._score_prompt(job.members, prompt, span, usage),
                 self._prompt_distance(prompt, span),
             )
-            stopped = self._decide_early(job, scores, distance, usage)
+            known = scored
+            stopped = self._decide_early(job, scored, distance, usage)
             if stopped is not None:
                 yield stopped
                 return
+        # what does not need the answer runs while the members decode: the members' scores
+        # of the prompt (for prompt_novelty) and the embedder's distance
+        side: list[asyncio.Task[Any]] = []
+        if known is None:
+            side.append(asyncio.create_task(self._members_on_prompt(job.members, prompt, span)))
+            side.append(asyncio.create_task(self._prompt_distance(prompt, span)))
         steps: list[MixtureStep] = []
         try:
-            async for step in self.engine.decode_mixture(job.members, lw, prompt, job.params):
-                steps.append(step)
-                yield step
-        except TokenDecodeBroken as exc:
-            if steps:  # tokens went out: the answer cannot be taken back
-                self.metrics.lockstep.labels("broken").inc()
-                raise UpstreamError(
-                    f"{exc}; the answer stops here (retry, or use ensemble.decode='sequence')"
-                ) from exc
-            self.metrics.lockstep.labels("fallback").inc()
-            seq = replace(
-                job, options=job.options.model_copy(update={"decode": DecodeMode.SEQUENCE})
-            )
-            out = await self.run(seq, early=False)  # the prompt's gate, if any, has passed
-            yield replace(out, decode_fallback=str(exc))
-            return
-        if not early:
-            distance = await self._prompt_distance(prompt, await self._content_span(job, prompt))
-        yield await self._token_outcome(job, prompt, steps, lw, distance)
+            try:
+                async for step in self.engine.decode_mixture(
+                    job.members, lw, prompt, job.params, live=live
+                ):
+                    steps.append(step)
+                    yield step
+            except TokenDecodeBroken as exc:
+                if steps:  # tokens went out: the answer cannot be taken back
+                    self.metrics.lockstep.labels("broken").inc()
+                    raise UpstreamError(
+                        f"{exc}; the answer stops here (retry, or use ensemble.decode='sequence')"
+                    ) from exc
+                self.metrics.lockstep.labels("fallback").inc()
+                seq = replace(
+                    job, options=job.options.model_copy(update={"decode": DecodeMode.SEQUENCE})
+                )
+                out = await self.run(seq, early=False)  # the prompt's gate, if any, has passed
+                yield replace(out, decode_fallback=str(exc))
+                return
+            if known is not None:
+                members_lp = [known[m].logprobs for m in job.members] if known else None
+            else:
+                members_lp, distance = await side[0], await side[1]
+        finally:
+            for task in side:
+                task.cancel()
+        yield await self._token_outcome(job, prompt, span, steps, lw, distance, members_lp)
+
+    async def _members_on_prompt(
+        self, members: Sequence[str], prompt: list[int], span: tuple[int, int]
+    ) -> list[list[float]] | None:
+        """Each member's log-probs of the user's prompt tokens (``None`` when there are none)."""
+        start, end = span
+        if end <= start:
+            return None
+        res = await self.engine.score_all(
+            prompt[:start], {m: [prompt[start:end]] for m in members}, top_n=0
+        )
+        return [res[m][0].logprobs for m in members]
 
     async def _token_outcome(
         self,
         job: Job,
         prompt: list[int],
+        span: tuple[int, int],
         steps: list[MixtureStep],
         lw: np.ndarray,
         distance: float | None,
+        members_lp: list[list[float]] | None,
     ) -> Outcome:
         per = [s.uncertainty for s in steps]
         L = np.array([sum(s.member_logprobs[m] for s in steps) for m in job.members])
@@ -514,12 +567,19 @@ class EnsembleService:
             "sequence_epistemic": None,
             "disagreement": None,
         }
-        span = await self._content_span(job, prompt)
-        uncertainty.update(await self._token_novelty(job.members, prompt, span, steps, lw))
+        uncertainty.update(
+            await self._token_novelty(job.members, prompt, span, steps, lw, members_lp)
+        )
         uncertainty[Score.PROMPT_DISTANCE.value] = distance
         self._with_combined(uncertainty)
         gate = self.gate_for(job).decide(uncertainty)
         self._observe(uncertainty, gate)
+        texts: dict[int, str] = {}
+        if job.options.per_token or job.want_logprobs:
+            ids = {s.token_id for s in steps}
+            if job.want_logprobs:
+                ids |= {t for s in steps for t in list(s.top)[: job.top_logprobs]}
+            texts = await self.engine.token_texts(sorted(ids))
         usage = Usage(
             prompt_tokens=len(prompt) * (2 * len(job.members) + 1) + len(steps),
             completion_tokens=len(steps) * len(job.members),
@@ -534,7 +594,7 @@ class EnsembleService:
             usage=usage,
             logprobs=[s.logprob for s in steps],
             top_logprobs=[dict(list(s.top.items())[: job.top_logprobs]) for s in steps],
-            token_texts={s.token_id: s.text for s in steps},
+            token_texts=texts,
             per_token=per,
             decode="token",
         )
@@ -546,21 +606,21 @@ class EnsembleService:
         span: tuple[int, int],
         steps: list[MixtureStep],
         lw: np.ndarray,
+        members_lp: list[list[float]] | None,
     ) -> dict[str, float | None]:
         """Both base-relative scores of a token-mode answer: one teacher-forced pass of the
-        prompt and the answer under the base; the members' prompt log-probs come from the
-        same batched call, their answer log-probs from the decoding steps."""
+        prompt and the answer under the base; the members' log-probs of the user's prompt
+        tokens are ``members_lp`` (scored while they decoded), of the answer the steps'."""
         answer = [s.token_id for s in steps]
         start, end = span
-        todo: dict[str, list[list[int]]] = {m: [prompt[1:end]] for m in members}
-        todo[BASE] = [prompt[1:] + answer]
-        res = await self.engine.score_all(prompt[:1], todo, top_n=0)
+        res = await self.engine.score_all(prompt[:1], {BASE: [prompt[1:] + answer]}, top_n=0)
         base = res[BASE][0].logprobs
         user = slice(start - 1, end - 1)  # positions of the user's tokens after prompt[0]
-        prompt_lp = [res[m][0].logprobs[user] for m in members]
         answer_lp = [[s.member_logprobs[m] for s in steps] for m in members]
         return {
-            Score.PROMPT_NOVELTY.value: novelty(prompt_lp, base[user], lw) if end > start else None,
+            Score.PROMPT_NOVELTY.value: novelty(members_lp, base[user], lw)
+            if members_lp is not None and end > start
+            else None,
             Score.NOVELTY.value: novelty(answer_lp, base[len(prompt) - 1 :], lw) if steps else None,
         }
 
@@ -607,7 +667,13 @@ class EnsembleService:
         self.metrics.escalations.labels(exc.outcome).inc()
         action = self.fallback_on_error
         if action is GateAction.FLAG and out.gate.stage == "prompt":
-            out = replace(await self.run(job, early=False), gate=out.gate)
+            if job.options.decode == DecodeMode.TOKEN:
+                answer: Any = None
+                async for ev in self.stream_tokens(job, await self.prompt_ids(job), False, False):
+                    answer = ev
+                out = replace(answer, gate=out.gate)
+            else:
+                out = replace(await self.run(job, early=False), gate=out.gate)
         return replace(out, gate=out.gate.escalation_failed(action, str(exc)))
 
 

@@ -46,7 +46,7 @@ import numpy as np
 import orjson
 
 from ensemble.manifest import EnsembleManifest
-from ensemble.math import align_top_logprobs, token_uncertainty
+from ensemble.math import align_top_logprobs, token_uncertainty_many
 from server.engine import (
     BASE,
     Engine,
@@ -400,6 +400,7 @@ class VLLMEngine(Engine):
         log_weights: Any,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        live: bool = True,
     ) -> AsyncIterator[MixtureStep]:
         """Lock-step mixture decoding inside vLLM (:mod:`server.lockstep`): the K member
         requests go out as one group; each position's token is the group's, and each row's
@@ -409,10 +410,14 @@ class VLLMEngine(Engine):
         A group that splits (a member missed a step: ``stop_reason`` is the abort token; or
         the rows' tokens differ: vLLM runs without the lock-step processor) is resumed as a
         new group from the tokens decided before the split, up to
-        :attr:`LOCKSTEP_ATTEMPTS` groups; then :class:`TokenDecodeBroken`."""
+        :attr:`LOCKSTEP_ATTEMPTS` groups; then :class:`TokenDecodeBroken`.
+
+        ``live=False`` asks vLLM for whole answers instead of token-by-token streams (three
+        JSON bodies instead of hundreds of SSE events: the gateway's CPU per request)."""
         return self._lockstep(
-            list(members), np.asarray(log_weights, dtype=np.float64), list(prompt_ids), params
-        )
+            list(members), np.asarray(log_weights, dtype=np.float64), list(prompt_ids), params,
+            live,
+        )  # fmt: skip
 
     async def _abort(self) -> int:
         """The abort token: the chat template's first token (BOS or a turn marker), which
@@ -423,66 +428,69 @@ class VLLMEngine(Engine):
         return self._abort_token
 
     async def _lockstep(
-        self, members: list[str], lw: np.ndarray, prompt: list[int], params: SamplingParams
+        self,
+        members: list[str],
+        lw: np.ndarray,
+        prompt: list[int],
+        params: SamplingParams,
+        live: bool,
     ) -> AsyncIterator[MixtureStep]:
         abort = await self._abort()
-        done: list[int] = []
+        steps: list[MixtureStep] = []
+        seen: list[list[_Row]] = []  # every decided position's K rows
         reason = ""
         for attempt in range(self.LOCKSTEP_ATTEMPTS):
             seed = None if params.seed is None else params.seed + attempt
             group = uuid.uuid4().hex
-            left = replace(params, max_tokens=params.max_tokens - len(done))
+            left = replace(params, max_tokens=params.max_tokens - len(steps))
+            prefix = prompt + [s.token_id for s in steps]
             async with contextlib.AsyncExitStack() as stack:
                 rows = []
                 for i, m in enumerate(members):
                     it = self._member_rows(
-                        m, i, len(members), float(math.exp(lw[i])), group, seed, prompt + done,
-                        left, abort,
+                        m, i, len(members), float(math.exp(lw[i])), group, seed, prefix, left,
+                        abort, live,
                     )  # fmt: skip
                     rows.append(await stack.enter_async_context(contextlib.aclosing(it)))
+                first = True
                 while True:
                     try:
-                        at = await asyncio.gather(*(anext(r) for r in rows))
+                        if first:  # opens the K requests together (one group)
+                            at = list(await asyncio.gather(*(anext(r) for r in rows)))
+                            first = False
+                        else:  # in lock-step the rows arrive together: no tasks needed
+                            at = [await anext(r) for r in rows]
                     except StopAsyncIteration:
                         reason = "diverged"  # one row ended before the others
                         break
-                    tokens = {r.token for r in at}
-                    if len(tokens) > 1:
+                    tok = at[0].token
+                    if any(r.token != tok for r in at):
                         reason = "diverged"
                         break
-                    if at[0].token == abort and any(r.stop_reason == abort for r in at):
+                    if tok == abort and any(r.stop_reason == abort for r in at):
                         reason = "incomplete"
                         break
-                    step = self._mixture_step(members, lw, at, params.top_n)
-                    done.append(step.token_id)
+                    step = MixtureStep(
+                        token_id=tok,
+                        text=at[0].text,
+                        logprob=_logsumexp([w + r.logprob for w, r in zip(lw, at, strict=True)]),
+                        top={},  # filled for every step at the end (_fill_steps)
+                        uncertainty={},
+                        member_logprobs={m: r.logprob for m, r in zip(members, at, strict=True)},
+                        finish_reason=at[0].finish_reason,
+                    )
+                    steps.append(step)
+                    seen.append(at)
                     yield step
                     if step.finish_reason is not None:
+                        _fill_steps(steps, seen, lw, params.top_n)
                         if self.metrics is not None:
                             self.metrics.lockstep.labels("resumed" if attempt else "exact").inc()
                         return
             if self.metrics is not None:
                 self.metrics.lockstep_splits.labels(reason).inc()
         raise TokenDecodeBroken(f"the member group split {self.LOCKSTEP_ATTEMPTS} times "
-                                f"(last: {reason})", len(done))  # fmt: skip
-
-    def _mixture_step(
-        self, members: list[str], lw: np.ndarray, at: list[_Row], top_n: int
-    ) -> MixtureStep:
-        tok = at[0].token
-        dists = [{**r.top, tok: r.logprob} for r in at]
-        aligned = align_top_logprobs(dists)  # (K, U + 1), last column: the rest
-        mix = np.logaddexp.reduce(lw[:, None] + aligned, axis=0)
-        union = list(dict.fromkeys(t for d in dists for t in d))
-        order = np.argsort(-mix[:-1], kind="stable")[:top_n]
-        return MixtureStep(
-            token_id=tok,
-            text=at[0].text,
-            logprob=float(np.logaddexp.reduce(lw + np.array([r.logprob for r in at]))),
-            top={union[j]: float(mix[j]) for j in order},
-            uncertainty=token_uncertainty(aligned, lw),
-            member_logprobs={m: r.logprob for m, r in zip(members, at, strict=True)},
-            finish_reason=at[0].finish_reason,
-        )
+                                f"(last: {reason})", len(steps))  # fmt: skip
 
     async def _member_rows(
         self,
@@ -495,9 +503,11 @@ class VLLMEngine(Engine):
         prompt: list[int],
         params: SamplingParams,
         abort: int,
+        live: bool,
     ) -> AsyncGenerator[_Row, None]:
-        """One member's streamed answer, one :class:`_Row` per token (a chunk's text goes
-        with its last token; a finish reason that comes alone goes with the last token)."""
+        """One member's answer, one :class:`_Row` per token. Streamed (``live``), a chunk's
+        text goes with its last token and a finish reason that comes alone with the last
+        token; else the whole text goes with the last token."""
         body: dict[str, Any] = {
             "model": self.served(member),
             "prompt": prompt,
@@ -506,7 +516,7 @@ class VLLMEngine(Engine):
             "logprobs": params.top_n,
             "return_tokens_as_token_ids": True,
             "stop_token_ids": [abort],
-            "stream": True,
+            "stream": live,
             "vllm_xargs": xargs(
                 group,
                 index,
@@ -527,10 +537,11 @@ class VLLMEngine(Engine):
                 self._batching.hold(exclusive=False),
                 self.client.stream("POST", "/v1/completions", json=body) as resp,
             ):
-                if resp.status_code >= 400:
+                if resp.status_code >= 400 or not live:
                     await resp.aread()
                     self._check(resp, member, "decode")
-                async for line in resp.aiter_lines():
+                lines = resp.aiter_lines() if live else _one_event(resp.content)
+                async for line in lines:
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     choice = orjson.loads(line[6:])["choices"][0]
@@ -573,6 +584,37 @@ class VLLMEngine(Engine):
         if resp.status_code >= 400:
             self._count(member, "rejected")
             raise InvalidRequestError(f"the engine rejected the request: {_message(resp)}")
+
+
+async def _one_event(body: bytes) -> AsyncIterator[str]:
+    """A whole (non-streamed) completion as the one SSE event it would have been."""
+    yield "data: " + body.decode()
+
+
+def _logsumexp(xs: Sequence[float]) -> float:
+    top = max(xs)
+    return top + math.log(sum(math.exp(x - top) for x in xs))
+
+
+def _fill_steps(
+    steps: Sequence[MixtureStep], seen: Sequence[Sequence[_Row]], lw: np.ndarray, top_n: int
+) -> None:
+    """The token-level decomposition and the mixture's top-N of every lock-step position,
+    in one vectorised pass: each position's K top-N lists on a common support
+    (:func:`ensemble.math.align_top_logprobs`), padded with zero-probability columns."""
+    dists = [[{**r.top, r.token: r.logprob} for r in at] for at in seen]
+    aligned = [align_top_logprobs(d) for d in dists]
+    width = max(a.shape[1] for a in aligned)
+    stack = np.full((len(aligned), len(lw), width), -np.inf)
+    for t, a in enumerate(aligned):
+        stack[t, :, : a.shape[1]] = a  # the rest bucket sits at column a.shape[1] - 1
+    parts = token_uncertainty_many(stack, lw)
+    mix = np.logaddexp.reduce(lw[None, :, None] + stack, axis=1)  # (T, width)
+    for t, (step, d) in enumerate(zip(steps, dists, strict=True)):
+        union = list(dict.fromkeys(tok for member in d for tok in member))
+        order = np.argsort(-mix[t, : len(union)], kind="stable")[:top_n]
+        step.top = {union[j]: float(mix[t, j]) for j in order}
+        step.uncertainty = {k: float(v[t]) for k, v in parts.items()}
 
 
 def _message(resp: httpx.Response) -> str:

@@ -147,9 +147,10 @@ def evaluate_rows(
     out = []
     for i, row in enumerate(tqdm(rows, desc="eval", unit="prompt", file=sys.stderr)):
         messages = _prompt(row, f"row {i + 1}")
-        ens = client.chat(
-            messages, model=model, max_tokens=max_tokens, temperature=0, logprobs=True
-        )
+        ens = client.chat(  # sequence mode: every score, sequence-level ones included
+            messages, model=model, max_tokens=max_tokens, temperature=0, logprobs=True,
+            decode="sequence",
+        )  # fmt: skip
         single = client.chat(
             messages,
             model=client.member(baseline),

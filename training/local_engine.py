@@ -283,6 +283,7 @@ class LocalEngine(Engine):
         log_weights: Any,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        live: bool = True,
     ) -> AsyncIterator[MixtureStep]:
         return self._stream(
             list(members), np.asarray(log_weights, dtype=np.float64), list(prompt_ids), params

@@ -244,3 +244,30 @@ def test_cancelled_handler_cancels_upstream_work() -> None:
         await asyncio.wait_for(cancelled.wait(), 1.0)  # before asyncio.run cancels leftovers
 
     asyncio.run(scenario())
+
+
+def test_decode_defaults_to_token_mode_unless_the_request_or_gate_needs_sequence_mode(gateway) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    """Without ``ensemble.decode`` the gateway picks token mode, except for what only
+    sequence mode produces; the fake vLLM cannot decode in lock-step, so a request that
+    went to token mode is recognisable by its fallback note."""
+
+    def mode(client, **ensemble) -> tuple[str, str | None]:  # type: ignore[no-untyped-def]
+        body = {"model": "ens", "messages": MESSAGES, "max_tokens": 4}
+        if ensemble:
+            body["ensemble"] = ensemble
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        d = r.json()["choices"][0]["decode"]
+        return d["mode"], d["fallback"]
+
+    # the default gate thresholds disagreement, a sequence-mode score: sequence mode
+    client, _, _ = gateway(k=2)
+    assert mode(client) == ("sequence", None)
+    # a gate on epistemic: token mode, unless the request needs sequence mode
+    client, _, _ = gateway(k=2, gate_score="epistemic")
+    got, note = mode(client)
+    assert got == "sequence" and note is not None and "split" in note  # token mode was tried
+    for ensemble in ({"return_candidates": True}, {"samples_per_member": 2},
+                     {"select": "majority"}, {"decode": "sequence"},
+                     {"gate": {"score": "disagreement", "threshold": 0.5}}):  # fmt: skip
+        assert mode(client, **ensemble) == ("sequence", None), ensemble

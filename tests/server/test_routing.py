@@ -438,7 +438,8 @@ def test_a_prompt_level_gate_that_passes_generates_as_usual(gateway) -> None:  #
     gate = GateSpec(score_name="prompt_novelty", threshold=1e9)
     client, fake, _ = escalating(gateway, fb, gate=gate)
     plain, _, _ = gateway(k=3, gate=gate, gate_action="flag")
-    a, b = chat(client).json(), chat(plain).json()
+    seq = {"decode": "sequence"}  # the fake vLLM has no lock-step; generations are counted
+    a, b = chat(client, ensemble=seq).json(), chat(plain, ensemble=seq).json()
     assert a["choices"][0]["message"] == b["choices"][0]["message"]
     assert a["choices"][0]["uncertainty"] == b["choices"][0]["uncertainty"]
     assert a["gate"]["stage"] == "answer" and generations(fake) == 3
@@ -447,16 +448,29 @@ def test_a_prompt_level_gate_that_passes_generates_as_usual(gateway) -> None:  #
 def test_an_early_escalation_that_fails_with_the_flag_policy_generates_then(gateway) -> None:  # type: ignore[no-untyped-def]
     fb = FakeFallback("error")
     client, fake, _ = escalating(gateway, fb, gate=PROMPT_GATE, fallback_on_error="flag")
-    body = chat(client).json()
+    body = chat(client, ensemble={"decode": "sequence"}).json()
     assert body["gate"]["decision"] == "flag" and body["gate"]["escalation"]["outcome"] == "failed"
     assert body["choices"][0]["message"]["content"]  # the ensemble's answer, flagged
     assert body["choices"][0]["uncertainty"]["epistemic"] is not None
     assert generations(fake) == 3
 
 
+def test_an_early_escalation_that_fails_with_the_flag_policy_decodes_then_in_token_mode(gateway) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    fb = FakeFallback("error")
+    client, _, _ = escalating(gateway, fb, gate=PROMPT_GATE, fallback_on_error="flag",
+                              engine_class=TokenEngine)  # fmt: skip
+    body = chat(client).json()  # no ensemble.decode: token mode (the gate allows it)
+    assert body["gate"]["decision"] == "flag" and body["gate"]["escalation"]["outcome"] == "failed"
+    assert body["gate"]["stage"] == "prompt"
+    choice = body["choices"][0]
+    assert choice["decode"] == {"mode": "token", "fallback": None}
+    assert choice["message"]["content"] == "".join(VOCAB[t] for t in SECRET)
+    assert choice["uncertainty"]["epistemic"] is not None
+
+
 def test_a_flag_gate_on_a_prompt_score_still_generates(gateway) -> None:  # type: ignore[no-untyped-def]
     client, fake, _ = gateway(k=3, gate=PROMPT_GATE, gate_action="flag")
-    body = chat(client).json()
+    body = chat(client, ensemble={"decode": "sequence"}).json()
     assert body["gate"]["decision"] == "flag" and body["gate"]["stage"] == "answer"
     assert generations(fake) == 3
 
@@ -475,7 +489,7 @@ class TokenEngine(VLLMEngine):
 
     async def decode_mixture(  # type: ignore[override]
         self, members: Sequence[str], log_weights: Any, prompt_ids: Sequence[int],
-        params: SamplingParams,
+        params: SamplingParams, live: bool = True,
     ) -> AsyncIterator[MixtureStep]:  # fmt: skip
         for i, tok in enumerate(SECRET):
             await asyncio.sleep(0)
