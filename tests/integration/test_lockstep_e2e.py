@@ -197,3 +197,19 @@ def test_a_split_group_is_resumed_or_answered_in_sequence_mode(
     if mode == "sequence":
         assert "split 3 times (last: incomplete)" in got["decode"]["fallback"]
     assert np.isfinite(got["uncertainty"]["epistemic"])
+
+
+def test_a_malformed_group_is_a_400_from_vllm_and_the_engine_keeps_serving(
+    vllm_server: VLLMProcess, smol_ensemble: Path
+) -> None:
+    man = load_manifest(smol_ensemble)
+    name = man.served_name(man.member_names[0])
+    bad = xargs("g", 5, 3, 1.0, temperature=0.0, top_p=1.0, seed=None, abort=1)
+    body = {"model": name, "prompt": "Hello", "max_tokens": 2, "vllm_xargs": bad}
+    r = httpx.post(f"{vllm_server.url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 400, r.text
+    assert "softspec_index must be in [0, 3)" in r.json()["error"]["message"]
+    del body["vllm_xargs"]
+    assert (
+        httpx.post(f"{vllm_server.url}/v1/completions", json=body, timeout=120).status_code == 200
+    )
