@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,29 +30,9 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from server.lockstep import GroupArgs, LockstepArgsError, parse_args
+from server.mixture_torch import mixture_logprobs, nucleus
 
-__all__ = ["Book", "GroupScheduler", "LockstepProcessor", "mixture_logprobs", "nucleus"]
-
-
-def mixture_logprobs(logits: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
-    """log q̄ = log Σ_k π_k softmax(logits_k), float64, from (n, V) raw logits."""
-    lq = torch.log_softmax(logits.double(), dim=-1)
-    w = torch.tensor(weights, dtype=torch.float64, device=logits.device)
-    lw = torch.log(w / w.sum())
-    return torch.logsumexp(lw[:, None] + lq, dim=0)
-
-
-def nucleus(logq: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Sampling distribution from log-probs with temperature and top-p (nucleus); the same
-    rule as the local engine's token mode."""
-    probs = torch.softmax(logq / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p  # always keeps the top token
-        mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum()
-    return probs
+__all__ = ["Book", "GroupScheduler", "LockstepProcessor"]
 
 
 @dataclass

@@ -33,6 +33,7 @@ from server.engine import (
     SamplingParams,
     TokenScores,
 )
+from server.mixture_torch import nucleus
 
 __all__ = ["LocalEngine"]
 
@@ -42,18 +43,6 @@ PEFT_BASE = "__base__"  # peft's adapter name for "no adapter" in mixed-adapter 
 def _top(lp: torch.Tensor, n: int) -> dict[int, float]:
     values, ids = torch.topk(lp, min(n, lp.shape[-1]))
     return {int(i): float(v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)}
-
-
-def _nucleus(logq: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Sampling distribution from log-probs with temperature and top-p (nucleus)."""
-    probs = torch.softmax(logq / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p  # always keeps the top token
-        mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum()
-    return probs
 
 
 def stop_index(text: str, stops: Sequence[str]) -> int | None:
@@ -343,7 +332,7 @@ class LocalEngine(Engine):
             lq = torch.log_softmax(out.logits[:, -1].double(), dim=-1)  # (K, V)
             mix = torch.logsumexp(lw_t[:, None] + lq, dim=0)  # (V,) log q̄_t
             if params.temperature > 0:
-                probs = _nucleus(mix, params.temperature, params.top_p)
+                probs = nucleus(mix, params.temperature, params.top_p)
                 tok = int(torch.multinomial(probs, 1, generator=gen))
             else:
                 tok = int(torch.argmax(mix))

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from server.lockstep import LockstepArgsError, parse_args, vllm_flags, xargs
+from server.mixture_torch import nucleus
 
 with warnings.catch_warnings():  # vLLM's imports touch torch.jit (deprecated in torch 2.13)
     warnings.simplefilter("ignore", DeprecationWarning)
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-    from server.lockstep_vllm import Book, LockstepProcessor, nucleus
+    from server.lockstep_vllm import Book, LockstepProcessor
 
 V = 50
 ABORT = 7
