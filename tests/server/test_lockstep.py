@@ -258,3 +258,60 @@ def test_vllm_flags_turn_chunked_prefill_off_and_fit_a_group_in_one_step() -> No
     assert flags[flags.index("--max-num-batched-tokens") + 1] == str(4 * 2048)
     assert "--no-enable-chunked-prefill" in flags
     assert flags[flags.index("--logits-processors") + 1] == "server.lockstep_vllm:LockstepProcessor"
+
+
+class _Req(SimpleNamespace):
+    pass
+
+
+def _request(rid: str, group: str, index: int, size: int) -> _Req:
+    extra = xargs(group, index, size, 1.0, temperature=0.0, top_p=1.0, seed=None, abort=ABORT)
+    return _Req(request_id=rid, sampling_params=SimpleNamespace(extra_args=extra))
+
+
+@pytest.fixture
+def scheduler(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """GroupScheduler over a stand-in for vLLM's Scheduler (the seam: its queue methods)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from server.lockstep_vllm import GroupScheduler
+
+    queued: list[str] = []
+    finished: list[Any] = []
+    monkeypatch.setattr(Scheduler, "add_request", lambda self, r: queued.append(r.request_id))
+    monkeypatch.setattr(Scheduler, "schedule", lambda self, *a, **k: "scheduled")
+    monkeypatch.setattr(Scheduler, "get_num_unfinished_requests", lambda self: len(queued))
+    monkeypatch.setattr(Scheduler, "finish_requests",
+                        lambda self, ids, status: finished.append(ids) or [])  # fmt: skip
+    sched = GroupScheduler.__new__(GroupScheduler)
+    sched.requests = {}
+    sched._held = {}
+    return SimpleNamespace(s=sched, queued=queued, finished=finished)
+
+
+def test_the_scheduler_queues_a_group_only_when_it_is_complete_in_member_order(scheduler) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler.s
+    s.add_request(_Req(request_id="plain", sampling_params=SimpleNamespace(extra_args=None)))
+    s.add_request(_request("b2", "b", 2, 3))
+    s.add_request(_request("b0", "b", 0, 3))
+    assert scheduler.queued == ["plain"]  # the group waits for its third member
+    assert s.get_num_unfinished_requests() == 3  # held ones keep the engine stepping
+    s.add_request(_request("b1", "b", 1, 3))
+    assert scheduler.queued == ["plain", "b0", "b1", "b2"]
+    assert s.get_num_unfinished_requests() == 4 and not s._held
+
+
+def test_the_scheduler_releases_an_overdue_group_and_drops_aborted_members(scheduler) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler.s
+    s.add_request(_request("a0", "a", 0, 2))  # its partner never comes
+    s.add_request(_request("c0", "c", 0, 3))
+    s.add_request(_request("c1", "c", 1, 3))
+    s.finish_requests(iter(["c1", "x"]), "aborted")  # an iterator: read once, passed on
+    assert scheduler.finished == [{"c1", "x"}]
+    assert [r.request_id for r in s._held["c"][2]] == ["c0"]
+    s.finish_requests("c0", "aborted")
+    assert "c" not in s._held
+    since, size, reqs = s._held["a"]
+    s._held["a"] = (since - s.HOLD_S - 1, size, reqs)  # past the hold
+    assert s.schedule() == "scheduled"
+    assert scheduler.queued == ["a0"] and not s._held  # released incomplete: it will abort
