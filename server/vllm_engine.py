@@ -37,7 +37,7 @@ import contextlib
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -187,10 +187,19 @@ class VLLMEngine(Engine):
         body: dict[str, Any] | None = None,
         client: httpx.AsyncClient | None = None,
     ) -> Any:
-        t0 = time.perf_counter()
         where = self.embed_url if client is not None else self.base_url
-        try:
+        with self._upstream_call(member, op, where):
             resp = await (client or self.client).request(method, path, json=body)
+        self._check(resp, member, op)
+        return orjson.loads(resp.content)
+
+    @contextlib.contextmanager
+    def _upstream_call(self, member: str, op: str, where: str | None) -> Iterator[None]:
+        """One call to vLLM: transport failures become 503 / 504 errors (counted per
+        member), and its latency is observed."""
+        t0 = time.perf_counter()
+        try:
+            yield
         except httpx.TimeoutException as exc:
             self._count(member, "timeout")
             raise UpstreamTimeoutError(
@@ -204,8 +213,6 @@ class VLLMEngine(Engine):
         finally:
             if self.metrics is not None:
                 self.metrics.upstream_latency.labels(member, op).observe(time.perf_counter() - t0)
-        self._check(resp, member, op)
-        return orjson.loads(resp.content)
 
     def _count(self, member: str, kind: str) -> None:
         if self.metrics is not None:
@@ -530,9 +537,8 @@ class VLLMEngine(Engine):
         }
         if params.stop:
             body["stop"] = list(params.stop)
-        t0 = time.perf_counter()
         pending: _Row | None = None
-        try:
+        with self._upstream_call(member, "decode", self.base_url):
             async with (
                 self._batching.hold(exclusive=False),
                 self.client.stream("POST", "/v1/completions", json=body) as resp,
@@ -559,21 +565,6 @@ class VLLMEngine(Engine):
                     if choice.get("finish_reason") and pending is not None:
                         pending.finish_reason = choice["finish_reason"]
                         pending.stop_reason = choice.get("stop_reason")
-        except httpx.TimeoutException as exc:
-            self._count(member, "timeout")
-            raise UpstreamTimeoutError(
-                f"the engine did not answer decode for member {member} within {self.timeout:.0f}s"
-            ) from exc
-        except httpx.TransportError as exc:
-            self._count(member, "unavailable")
-            raise UpstreamUnavailableError(
-                f"the engine at {self.base_url} is unreachable ({type(exc).__name__}); retry later"
-            ) from exc
-        finally:
-            if self.metrics is not None:
-                self.metrics.upstream_latency.labels(member, "decode").observe(
-                    time.perf_counter() - t0
-                )
         if pending is not None:
             yield pending
 
