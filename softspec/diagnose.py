@@ -6,7 +6,9 @@ Fits a single LoRA adapter θ* (K = 1) on N examples of the data — or loads on
 (``--adapter``: an ensemble directory's member or a peft adapter directory) — then
 estimates α* = 1/λ_max(V^{-1/2} J V^{-1/2}) restricted to the adapter parameters of the
 last ``--layers`` decoder layers (training/stability.py; docs/stability.md). Spread over
-members (specialists) lowers the α-Rényi objective for α > α*.
+members (specialists) lowers the α-Rényi objective for α > α*. With
+``--normalize-by-length`` J weights each example by 1/T_i (its completion tokens): the
+criterion of training with the same flag, whose routing uses per-token log-likelihoods.
 
 The fit and the estimate run on the same function of the same parameters: the hidden
 states entering the first selected layer are computed once, and every step, gradient and
@@ -64,6 +66,7 @@ class DiagnoseOptions:
     target_modules: str = "all-linear"
     max_length: int = 256
     drop_overlong: bool = False
+    normalize_by_length: bool = False
     quiet: bool = False
 
     def check(self) -> None:
@@ -146,6 +149,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave out sampled examples whose completion starts beyond --max-length "
         "(default: an error)",
+    )
+    p.add_argument(
+        "--normalize-by-length",
+        action="store_true",
+        help="the criterion of `softspec train --normalize-by-length`: J = Σ g_i g_iᵀ / T_i, "
+        "T_i the example's completion tokens (default: sequence log-likelihoods)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -358,7 +367,7 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
     from ensemble.atomic import atomic_write_json, sha256_file
     from softspec.default_model import export_default_model
     from training.model import load_tokenizer
-    from training.stability import AdapterObjective, estimate, recommend
+    from training.stability import AdapterObjective, estimate, per_token_weights, recommend
 
     t_start = time.monotonic()
     opts.check()
@@ -419,12 +428,14 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
             f"fitted θ* in {fit['seconds']}s: NLL/example {fit['nll_per_example_before']} → "
             f"{fit['nll_per_example_after']}"
         )
+    tokens = objective.token_counts()
     result = estimate(
         objective,
         rank=opts.rank,
         iterations=opts.iterations,
         tol=opts.tol,
         top=opts.top,
+        weights=per_token_weights(tokens) if opts.normalize_by_length else None,
         progress=say,
     )
     rec = recommend(result)
@@ -433,6 +444,12 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
     report: dict[str, Any] = {
         **result.to_dict(),
         "recommended": rec,
+        "criterion": "per-token" if opts.normalize_by_length else "sequence",
+        "completion_tokens": {
+            "mean": round(float(tokens.mean()), 2),
+            "min": int(tokens.min()),
+            "max": int(tokens.max()),
+        },
         **_example_report(rows, result, opts.top),
         "data": {
             "path": str(Path(opts.data).resolve()),
@@ -462,6 +479,7 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
                 "target_modules",
                 "max_length",
                 "drop_overlong",
+                "normalize_by_length",
                 "member",
             )
         },

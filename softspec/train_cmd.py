@@ -31,6 +31,7 @@ def diagnose_for(cfg: TrainConfig) -> dict[str, Any]:
         target_modules=cfg.target_modules,
         max_length=min(cfg.max_length, 256),
         drop_overlong=True,  # a sample for the estimate: an example too long for 256 tokens is left out
+        normalize_by_length=cfg.normalize_by_length,  # the criterion of the objective trained
     )
     return diagnose(opts)
 

@@ -54,6 +54,7 @@ def record_diagnosis(out: Path, diagnosis: dict[str, Any]) -> None:
     manifest = load_manifest(out)
     keep = (
         "alpha_star",
+        "criterion",
         "lambda_max",
         "eigenvalues",
         "recommended",

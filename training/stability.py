@@ -57,6 +57,7 @@ __all__ = [
     "estimate",
     "explicit_pencil",
     "lora_parameter_names",
+    "per_token_weights",
     "recommend",
     "solve_pencil",
 ]
@@ -258,6 +259,7 @@ def estimate(
     top: int = 10,
     min_examples: int = MIN_EXAMPLES,
     grads: torch.Tensor | None = None,
+    weights: Sequence[float] | np.ndarray | torch.Tensor | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> StabilityResult:
     """λ_max of (J, V) at ``objective.theta`` by Rayleigh–Ritz + Davidson (module docstring).
@@ -268,6 +270,10 @@ def estimate(
         tol: stop when the top Ritz pair's relative residual is below this.
         top: how many generalised eigenvalues to report.
         grads: per-example gradients if already computed (n × P).
+        weights: per-example weights c_i ≥ 0, so that J = Σ_i c_i g_i g_iᵀ: ``1 / T_i`` (T_i
+            the example's completion tokens) gives the criterion of the per-token-normalised
+            objective (``--normalize-by-length``; see :func:`per_token_weights`). Loadings
+            and shares are then those of √c_i g_i.
     """
     say = progress or (lambda _msg: None)
     seconds: dict[str, float] = {}
@@ -275,6 +281,13 @@ def estimate(
     g = objective.example_grads() if grads is None else grads
     seconds["example_grads"] = round(time.monotonic() - t0, 2)
     n, p = g.shape
+    if weights is not None:
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ConfigError(
+                f"per-example weights must be {n} finite values >= 0, got shape {tuple(w.shape)}"
+            )
+        g = g * w.sqrt().to(g)[:, None]
     if n < min_examples:
         raise ConfigError(
             f"only {n} examples: the stability estimate needs at least {min_examples} "
@@ -388,6 +401,20 @@ def estimate(
         j_trace=float(np.trace(gram)),
         seconds=seconds,
     )
+
+
+def per_token_weights(token_counts: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """c_i = 1 / T_i: J's weights for the per-token-normalised objective.
+
+    Training with ``--normalize-by-length`` routes with w_k = softmax(log π_k + α log p_k / T)
+    and descends −Σ_k w_k log p_k, the exact gradient of T · ℓ_{α/T}: example i gets its own
+    α_i = α / T_i. Expanding that objective around θ* (ℓ_a ≈ E[−log p] − (a/2) Var[log p])
+    gives ½ tr(Σ (V − α Σ_i g_i g_iᵀ / T_i)), so the pencil is (Σ_i g_i g_iᵀ / T_i, V).
+    """
+    t = np.asarray(token_counts, dtype=np.float64)
+    if t.ndim != 1 or not np.all(np.isfinite(t)) or np.any(t < 1):
+        raise ConfigError("every example needs at least one completion token to normalise by")
+    return 1.0 / t
 
 
 def recommend(
@@ -579,6 +606,13 @@ class AdapterObjective(Objective):
             jac = torch.func.jacrev(lambda t, b=batch: self.loglik(t, b))(self.theta)
             rows.append(jac.detach())
         return torch.cat(rows)
+
+    def token_counts(self) -> np.ndarray:
+        """(n,) completion tokens each example's ℓ_i sums over (T_i of the per-token criterion)."""
+        counts = []
+        for batch in self.batches:
+            counts.append(np.bincount(batch["b"].numpy(), minlength=int(batch["size"])))
+        return np.concatenate(counts)
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(self.theta)

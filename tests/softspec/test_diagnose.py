@@ -263,3 +263,38 @@ def test_split_alpha_auto() -> None:
     )
     assert split_alpha_auto(["--alpha=auto"]) == (["--alpha", "1.0"], True)
     assert split_alpha_auto(["--alpha", "0.5"]) == (["--alpha", "0.5"], False)
+
+
+def test_normalize_by_length_is_the_per_token_criterion(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Every completion here has the same T tokens, so J_T = J / T on the same θ*: λ_T = λ / T."""
+    data = tmp_path / "equal.jsonl"
+    rows = [
+        _row(q, a, s)
+        for q in QUESTIONS
+        for a, s in [("red green blue", "a"), ("blue green red", "b")]
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seq = diagnose(_options(data, tiny_llama_dir, examples=16))
+    tok = diagnose(_options(data, tiny_llama_dir, examples=16, normalize_by_length=True))
+    assert (seq["criterion"], tok["criterion"]) == ("sequence", "per-token")
+    assert tok["settings"]["normalize_by_length"] is True
+    counts = tok["completion_tokens"]
+    assert counts == seq["completion_tokens"] and counts["min"] == counts["max"] > 1
+    assert tok["lambda_max"] == pytest.approx(seq["lambda_max"] / counts["max"], rel=1e-4)
+    assert tok["alpha_star"] == pytest.approx(seq["alpha_star"] * counts["max"], rel=1e-4)
+
+
+def test_train_alpha_auto_uses_the_criterion_of_its_objective(
+    tiny_llama_dir: Path, conflict_data: Path, tmp_path: Path
+) -> None:
+    from ensemble.manifest import load
+
+    argv = ["train", "sft", "--data", str(conflict_data), "--base", str(tiny_llama_dir)]
+    argv += ["--members", "2", "--alpha", "auto", "--max-steps", "1", "--batch-size", "4"]
+    argv += ["--lora-r", "2", "--routing-examples", "4", "--normalize-by-length"]
+    assert main([*argv, "--out", str(tmp_path / "ens")]) == 0
+    diagnosis = load(tmp_path / "ens").training["alpha_diagnosis"]
+    assert diagnosis["criterion"] == "per-token"
+    assert diagnosis["settings"]["normalize_by_length"] is True

@@ -16,6 +16,7 @@ from training.stability import (
     FunctionalObjective,
     estimate,
     explicit_pencil,
+    per_token_weights,
     recommend,
     solve_pencil,
 )
@@ -268,6 +269,9 @@ def test_adapter_objective_matches_explicit_matrices(
     hess, g_explicit = _explicit(obj)
     g = obj.example_grads()
     assert np.allclose(g.numpy(), g_explicit, atol=1e-5, rtol=1e-4)
+    # T_i: the completion tokens ℓ_i sums over (token t+1 predicted at t)
+    labelled = [sum(1 for t in e.labels[1:] if t != -100) for e in examples]
+    assert obj.token_counts().tolist() == labelled and min(labelled) >= 1
     v = torch.randn(obj.theta.shape, generator=torch.Generator().manual_seed(0))
     assert np.allclose(obj.hvp(v).numpy(), hess @ v.numpy(), atol=1e-4, rtol=1e-3)
     # the estimate on the whole span of G equals the dense pencil restricted to that span
@@ -346,3 +350,46 @@ def test_a_contradiction_the_model_can_represent_is_stable(tokens: int) -> None:
     assert estimate(contradiction(tokens, tied=True)).lambda_max == pytest.approx(1.0, rel=1e-9)
     untied = estimate(contradiction(tokens, tied=False))
     assert untied.lambda_max == pytest.approx(float(tokens), rel=1e-9)
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_the_per_token_criterion_removes_the_length_factor(tokens: int) -> None:
+    """With J = Σ g_i g_iᵀ / T_i (the objective of --normalize-by-length) the toy above gives
+    λ = 1/T for the tied model and λ = 1 for the untied one: T no longer multiplies λ."""
+    weights = per_token_weights([tokens] * 20)
+    tied = estimate(contradiction(tokens, tied=True), weights=weights)
+    untied = estimate(contradiction(tokens, tied=False), weights=weights)
+    assert tied.lambda_max == pytest.approx(1.0 / tokens, rel=1e-9)
+    assert untied.lambda_max == pytest.approx(1.0, rel=1e-9)
+
+
+def test_weighted_pencil_matches_explicit_matrices() -> None:
+    """estimate(weights=c) = the dense pencil (Gᵀ diag(c) G, V); loadings are those of √c_i g_i."""
+    objective, v, _, g = logistic_problem()
+    c = np.random.default_rng(3).uniform(0.05, 2.0, size=g.shape[0])
+    exact = explicit_pencil(g.T @ (c[:, None] * g), v)
+    result = estimate(objective, rank=1, iterations=10, tol=1e-10, weights=c)
+    assert result.converged
+    assert result.lambda_max == pytest.approx(exact[0], rel=1e-9)
+    assert float((result.loadings**2).sum()) == pytest.approx(result.lambda_max, rel=1e-9)
+    unweighted = estimate(objective, rank=1, iterations=10, tol=1e-10)
+    assert result.lambda_max != pytest.approx(unweighted.lambda_max, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (np.ones(5), "must be 20 finite values"),
+        (np.r_[np.ones(19), -1.0], "must be 20 finite values"),
+        (np.r_[np.ones(19), np.nan], "must be 20 finite values"),
+    ],
+)
+def test_bad_weights_are_refused(weights: np.ndarray, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        estimate(contradiction(4, tied=True), weights=weights)
+
+
+def test_per_token_weights_need_a_token() -> None:
+    assert per_token_weights([1, 4]).tolist() == [1.0, 0.25]
+    with pytest.raises(ConfigError, match="at least one completion token"):
+        per_token_weights([3, 0])
