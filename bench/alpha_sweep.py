@@ -44,6 +44,21 @@ def mixed_training_file(data: Path, out: Path, seed: int) -> Path:
     return out
 
 
+def train_ensemble(
+    base: Path, train_file: Path, ens: Path, alpha: float, args: argparse.Namespace
+) -> None:
+    """``softspec train sft`` with the sweep's settings (K, steps, batch, lr, seed from args)."""
+    from softspec.cli import main as softspec
+
+    code = softspec([
+        "train", "sft", "--base", str(base), "--data", str(train_file), "--out", str(ens),
+        "--members", str(args.members), "--alpha", str(alpha), "--max-steps", str(args.steps),
+        "--batch-size", str(args.batch_size), "--learning-rate", str(args.lr), "--seed", str(args.seed),
+        "--max-length", "128", "--drop-overlong", "--group-by-length", "--routing-examples", "256",
+    ])  # fmt: skip
+    assert code == 0, f"training α={alpha} failed"
+
+
 def specialisation(ens_dir: Path, data: Path, alpha: float, limit: int) -> dict[str, Any]:
     """Responsibilities of held-out conflicting (prompt, completion) pairs by source."""
     import functools
@@ -125,7 +140,6 @@ def ood_auroc(
 def main() -> None:
     from clients import SoftSpecClient
     from ensemble.atomic import atomic_write_text
-    from softspec.cli import main as softspec
     from softspec.default_data import build_datasets
     from softspec.default_model import export_default_model
     from softspec.paths import default_data_dir, softspec_home
@@ -164,13 +178,7 @@ def main() -> None:
         t0 = time.monotonic()
         trained_before = (ens / "ensemble.json").exists()
         if not trained_before:
-            code = softspec([
-                "train", "sft", "--base", str(base), "--data", str(train_file), "--out", str(ens),
-                "--members", str(args.members), "--alpha", str(alpha), "--max-steps", str(args.steps),
-                "--batch-size", str(args.batch_size), "--learning-rate", str(args.lr), "--seed", str(args.seed),
-                "--max-length", "128", "--drop-overlong", "--group-by-length", "--routing-examples", "256",
-            ])  # fmt: skip
-            assert code == 0, f"training α={alpha} failed"
+            train_ensemble(base, train_file, ens, alpha, args)
         train_s: Any = round(time.monotonic() - t0)
         if trained_before:  # reused: the time of the run that trained it, if recorded
             train_s = next((r["train_seconds"] for r in earlier if r["alpha"] == alpha), None)
