@@ -145,9 +145,12 @@ def score_table(
     """OOD AUROC per score (overall and per category) and the combined gate's flag rates."""
     from ensemble import metrics as M
     from ensemble.calibration import combined_score, fit_calibration, threshold_for_rate
-    from ensemble.scores import COMBINED_COMPONENTS
+    from ensemble.scores import COMBINED_COMPONENTS, DISTANCE_COMPONENTS, Score
 
-    calib = fit_calibration(cal, COMBINED_COMPONENTS, source="sft_topics_val")
+    # the served rule (softspec eval --calibrate-gate): prompt_distance when it was served
+    served = all(p.get(Score.PROMPT_DISTANCE.value) is not None for p in cal)
+    components = DISTANCE_COMPONENTS if served else COMBINED_COMPONENTS
+    calib = fit_calibration(cal, components, source="sft_topics_val")
     for p in preds:
         p["combined"] = combined_score(calib, p)
     cats = sorted({p["category"] for p in preds} - {"in"})
@@ -169,7 +172,12 @@ def score_table(
         c: round(float(np.mean([p["combined"] > thr for p in preds if p["category"] == c])), 3)
         for c in ["in", *cats]
     }
-    return auroc, {"threshold": thr, "target_rate": GATE_RATE, "flag_rate": flags}
+    return auroc, {
+        "components": list(components),
+        "threshold": thr,
+        "target_rate": GATE_RATE,
+        "flag_rate": flags,
+    }
 
 
 def main() -> None:
@@ -292,7 +300,10 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per OOD category (AUROC vs in-distribution):", ""]
     for r in results:
-        per = {s: r["ood_auroc"][s] for s in ("prompt_novelty", "novelty", "combined", "epistemic")}
+        per = {
+            s: r["ood_auroc"][s]
+            for s in ("prompt_distance", "prompt_novelty", "combined", "epistemic")
+        }
         lines.append(
             f"- {r['recipe']} α={r['alpha']:g}: {json.dumps(per)}; gate {r['gate']['flag_rate']}"
         )
