@@ -27,6 +27,7 @@ candidate returned):
 * ``disagreement_cased``: the same without case-folding;
 * ``convention_disagreement``: pairs of members whose answers are written in different
   conventions (``convention``: upper / lower / mixed), the axis the data conflicts on;
+  an answer without letters has no convention and leaves its pairs out;
 * ``epistemic`` (token-level mutual information of the selected answer, nats per token).
 
 Per α and set: the means, and each member's share of upper / lower / mixed answers (does a
@@ -118,6 +119,12 @@ def pair_disagreement(labels: Sequence[str]) -> float:
     return differ / (k * (k - 1) / 2)
 
 
+def convention_disagreement(conventions: dict[str, str]) -> float | None:
+    """Pairs of members with different conventions, among answers that have one (or None)."""
+    labels = [c for _, c in sorted(conventions.items()) if c != "none"]
+    return pair_disagreement(labels) if len(labels) > 1 else None
+
+
 def measure(client: Any, rows: Sequence[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:
     out = []
     for r in rows:
@@ -138,7 +145,6 @@ def measure(client: Any, rows: Sequence[dict[str, Any]], max_tokens: int) -> lis
                 "disagreement": ans.uncertainty.disagreement,
                 "disagreement_cased": pair_disagreement([" ".join(t.split()) for t in texts]),
                 "conventions": {c.member: convention(c.text) for c in cands},
-                "convention_disagreement": pair_disagreement([convention(t) for t in texts]),
                 "epistemic": ans.uncertainty.epistemic,
             }
         )
@@ -147,13 +153,16 @@ def measure(client: Any, rows: Sequence[dict[str, Any]], max_tokens: int) -> lis
 
 def summarise(preds: list[dict[str, Any]]) -> dict[str, Any]:
     members = sorted({m for p in preds for m in p["conventions"]})
+    cased = [d for p in preds if (d := convention_disagreement(p["conventions"])) is not None]
     return {
         "n": len(preds),
         "multi_turn": sum(p["turns"] > 1 for p in preds),
         **{
             s: round(float(np.mean([p[s] for p in preds])), 3)
-            for s in ("disagreement", "disagreement_cased", "convention_disagreement", "epistemic")
+            for s in ("disagreement", "disagreement_cased", "epistemic")
         },
+        "convention_disagreement": round(float(np.mean(cased)), 3) if cased else None,
+        "convention_n": len(cased),
         "member_conventions": {
             m: {
                 c: round(float(np.mean([p["conventions"].get(m) == c for p in preds])), 2)
@@ -162,6 +171,38 @@ def summarise(preds: list[dict[str, Any]]) -> dict[str, Any]:
             for m in members
         },
     }
+
+
+def compare(a: Sequence[float], b: Sequence[float], draws: int = 20000) -> dict[str, float]:
+    """Is ``a`` (conflicting prompts) above ``b`` (ordinary)? The mean difference, the
+    probability that a random ``a`` exceeds a random ``b`` (ties count ½), and the one-sided
+    permutation p-value of the mean difference (seeded)."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = float(x.mean() - y.mean())
+    above = float(((x[:, None] > y[None]) + 0.5 * (x[:, None] == y[None])).mean())
+    pooled = np.concatenate([x, y])
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(draws):
+        rng.shuffle(pooled)
+        hits += pooled[: len(x)].mean() - pooled[len(x) :].mean() >= diff - 1e-12
+    return {"difference": round(diff, 4), "p_above": round(above, 3), "p_value": hits / draws}
+
+
+def comparisons(preds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Conflicting vs ordinary prompts, trained and held out, on epistemic and conventions."""
+    out: dict[str, Any] = {}
+    for kind in ("trained", "heldout"):
+        a, b = preds[f"conflict_{kind}"], preds[f"ordinary_{kind}"]
+        conv = [
+            [d for p in rows if (d := convention_disagreement(p["conventions"])) is not None]
+            for rows in (a, b)
+        ]
+        out[kind] = {
+            "epistemic": compare([p["epistemic"] for p in a], [p["epistemic"] for p in b]),
+            "convention_disagreement": compare(*conv),
+        }
+    return out
 
 
 def main() -> None:
@@ -187,6 +228,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16, help="prompts per set")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="recompute every finished row from its saved answers (no serving)",
+    )
     args = ap.parse_args()
 
     base = export_default_model()
@@ -204,6 +250,14 @@ def main() -> None:
     sets = prompt_sets(topics_train, topics_test, conflict_train, conflict_test, args.prompts)
     path = out / "results.json"
     results: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
+    if args.rescore:
+        for row in results:
+            saved = json.loads((out / f"preds-alpha{row['alpha']:g}.json").read_text())
+            row["sets"] = {s: summarise(p) for s, p in saved.items()}
+            row["compare"] = comparisons(saved)
+        atomic_write_text(path, json.dumps(results, indent=2))
+        print(table(results))
+        return
     for alpha in [float(a) for a in args.alphas.split(",")]:
         if any(r["alpha"] == alpha for r in results):
             continue
@@ -221,6 +275,7 @@ def main() -> None:
             "alpha": alpha,
             "seconds": round(time.monotonic() - t0),
             "sets": {s: summarise(p) for s, p in preds.items()},
+            "compare": comparisons(preds),
         }
         atomic_write_text(out / f"preds-alpha{alpha:g}.json", json.dumps(preds, indent=1))
         results = sorted([*results, row], key=lambda r: r["alpha"])
@@ -249,10 +304,24 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{m['n']} ({m['multi_turn']})",
                 f"{m['disagreement']:.2f}",
                 f"{m['disagreement_cased']:.2f}",
-                f"{m['convention_disagreement']:.2f}",
+                "–"
+                if m["convention_disagreement"] is None
+                else f"{m['convention_disagreement']:.2f}",
                 f"{m['epistemic']:.3f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Conflicting above ordinary? (difference of means, P(conflict > ordinary), p):",
+        "",
+    ]
+    for r in results:
+        for kind, scores in r.get("compare", {}).items():
+            parts = [
+                f"{name} {c['difference']:+.3f}, {c['p_above']:.2f}, p = {c['p_value']:.3f}"
+                for name, c in scores.items()
+            ]
+            lines.append(f"- α = {r['alpha']:g}, {kind}: " + "; ".join(parts))
     return "\n".join(lines)
 
 

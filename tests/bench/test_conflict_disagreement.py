@@ -6,7 +6,13 @@ import itertools
 
 import pytest
 
-from bench.conflict_disagreement import convention, pair_disagreement, prompt_sets
+from bench.conflict_disagreement import (
+    compare,
+    convention,
+    convention_disagreement,
+    pair_disagreement,
+    prompt_sets,
+)
 
 
 def _row(*turns: str) -> dict:
@@ -70,3 +76,21 @@ def test_pair_disagreement_counts_pairs(labels: list[str]) -> None:
     expected = sum(x != y for x, y in pairs) / len(pairs) if pairs else 0.0
     assert pair_disagreement(labels) == pytest.approx(expected)
     assert pair_disagreement(["a", "b", "a", "c"]) == pytest.approx(5 / 6)
+
+
+def test_convention_disagreement_leaves_out_answers_without_letters() -> None:
+    assert convention_disagreement({"m0": "upper", "m1": "none", "m2": "mixed"}) == 1.0
+    assert convention_disagreement({"m0": "upper", "m1": "upper", "m2": "lower"}) == 2 / 3
+    assert convention_disagreement({"m0": "upper", "m1": "none"}) is None
+
+
+def test_compare_against_the_exact_permutation_distribution() -> None:
+    """[3, 4, 5] vs [0, 1, 2]: every conflict value is above every ordinary one, and only
+    1 of the C(6, 3) = 20 splits has a mean difference as large (p = 0.05 exactly)."""
+    c = compare([3.0, 4.0, 5.0], [0.0, 1.0, 2.0])
+    assert c["difference"] == 3.0 and c["p_above"] == 1.0
+    assert c["p_value"] == pytest.approx(1 / 20, abs=0.01)
+    reverse = compare([0.0, 1.0, 2.0], [3.0, 4.0, 5.0])
+    assert reverse["p_above"] == 0.0 and reverse["p_value"] == 1.0
+    ties = compare([1.0, 1.0], [1.0, 1.0])
+    assert ties["p_above"] == 0.5 and ties["p_value"] == 1.0
