@@ -495,6 +495,8 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
         f"{'converged' if result.converged else 'NOT converged'}, residual {result.residual:.1e}); "
         f"recommended α = {rec['alpha']}, K = {rec['members']}; {seconds['total']}s"
     )
+    if rec["caution"]:
+        say(f"caution: {rec['caution']}")
     return report
 
 

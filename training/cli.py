@@ -60,6 +60,7 @@ def record_diagnosis(out: Path, diagnosis: dict[str, Any]) -> None:
         "recommended",
         "converged",
         "relative_residual",
+        "effective_examples",
         "n_examples",
         "n_params",
         "layers",

@@ -64,6 +64,7 @@ __all__ = [
 
 MIN_EXAMPLES = 8  # fewer per-example gradients than this: J is too noisy to say anything
 PD_TOL = 1e-8  # V_S counts as positive definite when λ_min(V_S) > PD_TOL · λ_max(V_S)
+SINGLE_EXAMPLE_SHARE = 0.5  # above this share of λ_max one example, not the data, sets α*
 DIVERGED = 1e8  # λ_max above this (α* < 1e-8): V is numerically singular along the direction
 
 LogLik = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -171,6 +172,14 @@ class StabilityResult:
         n = len(self.loadings)
         return float(self.loadings.sum()) ** 2 / (n * total) if total > 0 and n else 0.0
 
+    @property
+    def effective_examples(self) -> float:
+        """1 / Σ share²: how many examples carry the top direction (n when all load
+        equally, 1 when one example carries it). A split between groups of the data is
+        carried by many; one poorly fitted example by about one."""
+        sq = float((self.shares**2).sum())
+        return 1.0 / sq if sq > 0 else 0.0
+
     def top_examples(self, k: int = 10) -> list[tuple[int, float, float]]:
         """(index, share, signed loading) of the k examples that load most on u."""
         order = np.argsort(-self.shares, kind="stable")[:k]
@@ -193,6 +202,7 @@ class StabilityResult:
             "v_subspace_eigen_range": list(self.v_eigen_range),
             "j_trace": self.j_trace,
             "mean_gradient_share": self.mean_gradient_share,
+            "effective_examples": self.effective_examples,
             "seconds": self.seconds,
         }
 
@@ -441,11 +451,19 @@ def recommend(
             f"α* = {a_star:.3g}: spread is favoured for α > α*; α = {alpha:.3g} leaves "
             f"{unstable} unstable direction(s)"
         )
+    top_share = float(result.shares.max()) if len(result.loadings) else 0.0
+    caution = None
+    if top_share > SINGLE_EXAMPLE_SHARE:
+        caution = (
+            f"one example carries {top_share:.0%} of λ_max: α* measures that example (a poorly "
+            "fitted one), not a split between groups of the data; look at top_examples"
+        )
     return {
         "alpha": round(alpha, 4),
         "members": members,
         "unstable_directions": unstable,
         "reason": reason,
+        "caution": caution,
     }
 
 

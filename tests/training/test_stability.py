@@ -217,6 +217,27 @@ def test_recommendation() -> None:
     assert rec["alpha"] == pytest.approx(0.375) and rec["members"] == 2
     stable = recommend(estimate(gaussian(0.5)))  # α* = 4
     assert stable["alpha"] == 1.0 and stable["members"] == 1
+    assert rec["caution"] is None  # ten examples load equally on the direction
+
+
+def test_one_heavy_example_is_flagged() -> None:
+    """One example far out (x = 20 among ±1) carries most of λ_max: the report says so."""
+    even = estimate(gaussian(1.0, n=12))
+    assert even.effective_examples == pytest.approx(12.0)
+    x = torch.tensor([1.0, -1.0] * 5 + [20.0], dtype=torch.float64)
+
+    def loglik(theta: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        return -((xs - theta[0]) ** 2) / 2
+
+    mle = x.mean().reshape(1)
+    heavy = estimate(FunctionalObjective(loglik, mle, [x]))
+    r2 = ((x - mle) ** 2).numpy()
+    shares = r2 / r2.sum()
+    assert heavy.effective_examples == pytest.approx(1 / float((shares**2).sum()))
+    assert heavy.effective_examples < 1.5
+    rec = recommend(heavy)
+    assert rec["caution"] is not None
+    assert rec["caution"].startswith(f"one example carries {max(shares):.0%} of λ_max")
 
 
 # ----------------------------------------------------------------------- a tiny LLM
