@@ -125,6 +125,11 @@ def convention_disagreement(conventions: dict[str, str]) -> float | None:
     return pair_disagreement(labels) if len(labels) > 1 else None
 
 
+def convention_values(preds: Sequence[dict[str, Any]]) -> list[float]:
+    """Each prompt's convention disagreement, for the prompts where it is defined."""
+    return [d for p in preds if (d := convention_disagreement(p["conventions"])) is not None]
+
+
 def measure(client: Any, rows: Sequence[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:
     out = []
     for r in rows:
@@ -153,7 +158,7 @@ def measure(client: Any, rows: Sequence[dict[str, Any]], max_tokens: int) -> lis
 
 def summarise(preds: list[dict[str, Any]]) -> dict[str, Any]:
     members = sorted({m for p in preds for m in p["conventions"]})
-    cased = [d for p in preds if (d := convention_disagreement(p["conventions"])) is not None]
+    cased = convention_values(preds)
     return {
         "n": len(preds),
         "multi_turn": sum(p["turns"] > 1 for p in preds),
@@ -194,13 +199,9 @@ def comparisons(preds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in ("trained", "heldout"):
         a, b = preds[f"conflict_{kind}"], preds[f"ordinary_{kind}"]
-        conv = [
-            [d for p in rows if (d := convention_disagreement(p["conventions"])) is not None]
-            for rows in (a, b)
-        ]
         out[kind] = {
             "epistemic": compare([p["epistemic"] for p in a], [p["epistemic"] for p in b]),
-            "convention_disagreement": compare(*conv),
+            "convention_disagreement": compare(convention_values(a), convention_values(b)),
         }
     return out
 
