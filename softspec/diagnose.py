@@ -67,6 +67,8 @@ class DiagnoseOptions:
     max_length: int = 256
     drop_overlong: bool = False
     normalize_by_length: bool = False
+    cross_fit: bool = False
+    folds: int = 3
     quiet: bool = False
 
     def check(self) -> None:
@@ -86,6 +88,10 @@ class DiagnoseOptions:
             (self.fit_batch_size >= 1 and self.batch_size >= 1, "batch sizes must be >= 1"),
             (self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}"),
             (self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}"),
+            (
+                self.folds >= 3,
+                f"--folds must be >= 3 (find, choose, measure), got {self.folds}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -155,6 +161,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the criterion of `softspec train --normalize-by-length`: J = Σ g_i g_iᵀ / T_i, "
         "T_i the example's completion tokens (default: sequence log-likelihoods)",
+    )
+    p.add_argument(
+        "--cross-fit",
+        action="store_true",
+        help="estimate the population λ_max: directions found on one fold of the examples, "
+        "chosen on a second, measured on a third (default: in-sample λ_max of all examples)",
+    )
+    p.add_argument(
+        "--folds", type=int, default=d.folds, help="folds of --cross-fit (>= 3; split by batch)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -367,7 +382,14 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
     from ensemble.atomic import atomic_write_json, sha256_file
     from softspec.default_model import export_default_model
     from training.model import load_tokenizer
-    from training.stability import AdapterObjective, estimate, per_token_weights, recommend
+    from training.stability import (
+        AdapterObjective,
+        cross_fit,
+        estimate,
+        fold_of_rows,
+        per_token_weights,
+        recommend,
+    )
 
     t_start = time.monotonic()
     opts.check()
@@ -405,6 +427,15 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
             f"{opts.max_length}: the stability estimate needs at least {MIN_EXAMPLES}; "
             "raise --max-length"
         )
+    if opts.cross_fit:  # the folds split by batch: shuffle so that each is a random sample
+        sizes = [
+            min(opts.batch_size, len(examples) - s)
+            for s in range(0, len(examples), opts.batch_size)
+        ]
+        fold_of_rows(sizes, opts.folds)  # before any model is loaded: one line, what to change
+        order = list(range(len(rows)))
+        random.Random(opts.seed).shuffle(order)
+        rows, examples = [rows[i] for i in order], [examples[i] for i in order]
     peft_model = _peft_model(opts, base)
     layers = opts.layers or None
     t0 = time.monotonic()
@@ -429,15 +460,28 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
             f"{fit['nll_per_example_after']}"
         )
     tokens = objective.token_counts()
-    result = estimate(
-        objective,
-        rank=opts.rank,
-        iterations=opts.iterations,
-        tol=opts.tol,
-        top=opts.top,
-        weights=per_token_weights(tokens) if opts.normalize_by_length else None,
-        progress=say,
-    )
+    weights = per_token_weights(tokens) if opts.normalize_by_length else None
+    if opts.cross_fit:
+        result = cross_fit(
+            objective,
+            folds=opts.folds,
+            rank=opts.rank,
+            iterations=opts.iterations,
+            tol=opts.tol,
+            top=opts.top,
+            weights=weights,
+            progress=say,
+        )
+    else:
+        result = estimate(
+            objective,
+            rank=opts.rank,
+            iterations=opts.iterations,
+            tol=opts.tol,
+            top=opts.top,
+            weights=weights,
+            progress=say,
+        )
     rec = recommend(result)
     seconds = {"cache_inputs": cache_s, "fit": fit.get("seconds", 0.0), **result.seconds}
     seconds["total"] = round(time.monotonic() - t_start, 1)
@@ -480,6 +524,8 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
                 "max_length",
                 "drop_overlong",
                 "normalize_by_length",
+                "cross_fit",
+                "folds",
                 "member",
             )
         },
@@ -490,9 +536,18 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
         out = Path(opts.out)
         atomic_write_json(out / RESULT_FILE, report)
         plot_diagnosis(report, out / PLOT_FILE)
+    if result.cross_fit is not None:
+        how = (
+            f"cross-fitted, ± {result.cross_fit['lambda_std']:.2g} over "
+            f"{len(result.history)} fold triples; in-sample {result.cross_fit['in_sample_lambda_max']:.4g}"
+        )
+    else:
+        how = (
+            f"{'converged' if result.converged else 'NOT converged'}, "
+            f"residual {result.residual:.1e}"
+        )
     say(
-        f"α* = {result.alpha_star:.4g} (λ_max {result.lambda_max:.4g}, "
-        f"{'converged' if result.converged else 'NOT converged'}, residual {result.residual:.1e}); "
+        f"α* = {result.alpha_star:.4g} (λ_max {result.lambda_max:.4g}, {how}); "
         f"recommended α = {rec['alpha']}, K = {rec['members']}; {seconds['total']}s"
     )
     if rec["caution"]:
@@ -519,7 +574,14 @@ def plot_diagnosis(report: dict[str, Any], path: Path) -> Path:
     )
     axes[0].legend(fontsize=8)
     axes[1].plot(range(len(report["lambda_history"])), report["lambda_history"], "o-")
-    axes[1].set(title="λ_max per Davidson step", xlabel="step", ylabel="Ritz value")
+    if report.get("estimator") == "cross-fitted":
+        axes[1].axhline(report["lambda_max"], color="tab:red", ls="--", label="mean")
+        axes[1].legend(fontsize=8)
+        axes[1].set(
+            title="held-out λ per (find, choose, measure)", xlabel="fold triple", ylabel="λ"
+        )
+    else:
+        axes[1].set(title="λ_max per Davidson step", xlabel="step", ylabel="Ritz value")
     tops = report["top_examples"]
     axes[2].barh(
         [f"{t['group']}:{t['line']}" for t in tops][::-1], [t["share"] for t in tops][::-1]

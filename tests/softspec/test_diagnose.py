@@ -144,6 +144,9 @@ def test_reproducible_from_the_seed(tiny_llama_dir: Path, conflict_data: Path) -
         (["--rank", "0"], "--rank must be >= 1"),
         (["--layers", "7"], "--layers must be in 1..2"),
         (["--adapter", "/nonexistent/dir"], "--adapter /nonexistent/dir: no such directory"),
+        (["--cross-fit", "--folds", "2"], "--folds must be >= 3"),
+        (["--cross-fit"], "needs at least 3 batches, got 2: lower --batch-size"),
+        (["--cross-fit", "--batch-size", "4"], "a fold has only 4 examples"),
     ],
 )
 def test_bad_flags_give_one_line(
@@ -298,3 +301,31 @@ def test_train_alpha_auto_uses_the_criterion_of_its_objective(
     diagnosis = load(tmp_path / "ens").training["alpha_diagnosis"]
     assert diagnosis["criterion"] == "per-token"
     assert diagnosis["settings"]["normalize_by_length"] is True
+
+
+def test_cross_fit_reports_the_held_out_estimate(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """--cross-fit: folds of a seeded shuffle; directions found, chosen and measured apart."""
+    rows = []
+    for q in QUESTIONS:
+        rows.append(_row(q, "THE QUICK BROWN FOX", "upper"))
+        rows.append(_row(q, "the quick brown fox", "lower"))
+        rows.append(_row(q, "The Quick Brown Fox", "title"))
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cf"
+    opts = dict(examples=24, batch_size=4, cross_fit=True, rank=3, iterations=1)
+    report = diagnose(_options(data, tiny_llama_dir, out=str(out), **opts))
+    assert report["estimator"] == "cross-fitted" and report["settings"]["cross_fit"] is True
+    cf = report["cross_fit"]
+    assert cf["folds"] == 3 and cf["fold_examples"] == [8, 8, 8]
+    held = [h["lambda"] for h in cf["held_out"]]
+    assert len(held) == 6 and report["lambda_history"] == held
+    assert report["lambda_max"] == pytest.approx(sum(held) / 6)
+    assert all(
+        {h["directions_from"], h["chosen_on"], h["measured_on"]} == {0, 1, 2}
+        for h in cf["held_out"]
+    )
+    assert json.loads((out / "diagnosis.json").read_text()) == report
+    assert (out / "diagnosis.png").stat().st_size > 0
+    again = diagnose(_options(data, tiny_llama_dir, **opts))
+    assert again["lambda_max"] == report["lambda_max"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ensemble.errors import ConfigError
 from training.stability import (
     AdapterObjective,
     FunctionalObjective,
+    cross_fit,
     estimate,
     explicit_pencil,
     per_token_weights,
@@ -414,3 +416,122 @@ def test_per_token_weights_need_a_token() -> None:
     assert per_token_weights([1, 4]).tolist() == [1.0, 0.25]
     with pytest.raises(ConfigError, match="at least one completion token"):
         per_token_weights([3, 0])
+
+
+# ----------------------------------------------------------------------- cross-fitting
+
+
+def well_specified_logistic(d: int, n: int, seed: int = 0, batch: int = 20):  # type: ignore[no-untyped-def]
+    """Labels drawn from a logistic model, fitted by Newton: the population λ_max is 1."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    w = 0.5 * torch.randn(d, generator=gen, dtype=torch.float64)
+    y = (torch.rand(n, generator=gen, dtype=torch.float64) < torch.sigmoid(x @ w)).double()
+
+    def loglik(theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        z = x[idx] @ theta
+        return y[idx] * z - torch.nn.functional.softplus(z)
+
+    theta = torch.zeros(d, dtype=torch.float64)
+    for _ in range(50):
+        p = torch.sigmoid(x @ theta)
+        hess = (x * (p * (1 - p))[:, None]).T @ x
+        theta = theta + torch.linalg.solve(hess, x.T @ (y - p))
+    p = torch.sigmoid(x @ theta)
+    h = (p * (1 - p)).numpy()
+    g = (x * (y - p)[:, None]).numpy()
+    batches = [torch.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
+    return FunctionalObjective(loglik, theta, batches), x.numpy(), h, g
+
+
+def _brute_force_cross_fit(x: np.ndarray, h: np.ndarray, g: np.ndarray, batch: int, top: int):  # type: ignore[no-untyped-def]
+    """The (find, choose, measure) procedure with dense fold pencils: fold of batch b = b % 3."""
+    n = len(g)
+    fold = (np.arange(n) // batch) % 3
+    jm = [g[fold == f].T @ g[fold == f] for f in range(3)]
+    vm = [(x[fold == f] * h[fold == f][:, None]).T @ x[fold == f] for f in range(3)]
+    values, best = [], {}
+    for f in range(3):
+        _, vec = solve_pencil(jm[f], vm[f])
+        cand = vec[:, :top]
+        q = {
+            e: np.diag(cand.T @ jm[e] @ cand) / np.diag(cand.T @ vm[e] @ cand)
+            for e in range(3)
+            if e != f
+        }
+        for s in q:
+            k = int(np.argmax(q[s]))
+            for e in q:
+                if e != s:
+                    values.append(q[e][k])
+                    best[e] = max(best.get(e, 0.0), q[e][k])
+    return float(np.mean(values)), best, fold
+
+
+def test_cross_fit_against_brute_force() -> None:
+    """With the full fold subspace (rank = d) every step is the dense computation."""
+    objective, x, h, g = well_specified_logistic(d=10, n=300, batch=20)
+    result = cross_fit(objective, rank=10, iterations=0, top=10)
+    expected, best, fold = _brute_force_cross_fit(x, h, g, batch=20, top=10)
+    assert result.lambda_max == pytest.approx(expected, rel=1e-8)
+    assert result.alpha_star == pytest.approx(1 / expected, rel=1e-8)
+    assert len(result.history) == 6  # 3 folds: 3 · 2 · 1 ordered triples
+    assert result.cross_fit is not None and result.cross_fit["fold_examples"] == [100, 100, 100]
+    # each fold's loadings are those of its best measured direction (uᵀ V_e u = 1)
+    for e in range(3):
+        assert float((result.loadings[fold == e] ** 2).sum()) == pytest.approx(best[e], rel=1e-8)
+    assert result.to_dict()["estimator"] == "cross-fitted"
+
+
+def test_cross_fit_is_near_one_where_the_in_sample_estimate_is_inflated() -> None:
+    """Well specified with P/n = 40/600: the in-sample λ_max (≈ 2.1) measures how well 40
+    parameters fit 600 examples, not misspecification; the cross-fitted one is ≈ 1."""
+    objective, x, h, g = well_specified_logistic(d=40, n=600)
+    v = (x * h[:, None]).T @ x
+    in_sample = explicit_pencil(g.T @ g, v)[0]
+    assert in_sample > 1.8
+    result = cross_fit(objective, rank=40, iterations=0)
+    assert 0.8 < result.lambda_max < 1.3
+    assert result.cross_fit is not None
+    assert result.cross_fit["in_sample_lambda_max"] > 1.8  # each fold alone: more inflated
+
+
+def test_cross_fit_estimates_the_population_lambda() -> None:
+    """Heteroscedastic linear model (σ = 0.5 + 2|x₀|): the population pencil (E[σ²xxᵀ], E[xxᵀ])
+    is diagonal with λ_max = E[σ²x₀²] = 0.25 + 4√(2/π) + 12 ≈ 15.44."""
+    objective, _, _, _ = linear_problem(d=8, n=3000)
+    population = 0.25 + 4 * math.sqrt(2 / math.pi) + 12
+    result = cross_fit(objective, rank=8, iterations=0)
+    assert result.lambda_max == pytest.approx(population, rel=0.1)
+    assert result.alpha_star < 0.1  # clearly misspecified
+
+
+def test_cross_fit_is_deterministic_and_uses_one_pass_per_direction() -> None:
+    objective, _, _, _ = well_specified_logistic(d=6, n=240)
+    a = cross_fit(objective, rank=3, iterations=2)
+    b = cross_fit(objective, rank=3, iterations=2)
+    assert a.lambda_max == b.lambda_max and a.history == b.history
+    assert np.array_equal(a.loadings, b.loadings)
+    assert a.hvps == sum(r["subspace_dim"] for r in a.cross_fit["fold_runs"])  # type: ignore[index]
+
+
+def test_hvp_batches_sum_to_the_hvp() -> None:
+    objective, _, _, _ = linear_problem()
+    v = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    per_batch = objective.hvp_batches(v)
+    assert per_batch.shape == (4, 8) and objective.batch_sizes() == [100] * 4
+    assert torch.allclose(per_batch.sum(0), objective.hvp(v))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "batch", "message"),
+    [
+        ({"folds": 2}, 20, "--folds must be >= 3"),
+        ({}, 100, "needs at least 3 batches, got 2: lower --batch-size"),
+        ({"min_examples": 30}, 20, "a fold has only 20 examples"),
+    ],
+)
+def test_cross_fit_bad_input(kwargs: dict, batch: int, message: str) -> None:
+    objective, _, _, _ = well_specified_logistic(d=4, n=60 if batch == 20 else 200, batch=batch)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        cross_fit(objective, **kwargs)
