@@ -35,7 +35,7 @@ from typing import Any
 
 from ensemble.errors import ConfigError
 
-__all__ = ["DiagnoseOptions", "diagnose", "run_diagnose"]
+__all__ = ["DiagnoseOptions", "Prepared", "diagnose", "prepare", "run_diagnose"]
 
 RESULT_FILE = "diagnosis.json"
 PLOT_FILE = "diagnosis.png"
@@ -375,25 +375,28 @@ def _example_report(rows: list[dict[str, Any]], result: Any, top: int) -> dict[s
     return {"top_examples": tops, "groups": groups}
 
 
-def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
-    """Run the diagnostic; returns the report (also written to ``opts.out`` when set)."""
+@dataclass
+class Prepared:
+    """The examples and the fitted θ* that every estimate runs on (see :func:`prepare`)."""
+
+    base: str
+    rows: list[dict[str, Any]]  # the rows kept, index-aligned with the objective's examples
+    sampled: int
+    objective: Any  # training.stability.AdapterObjective at θ*
+    fit: dict[str, Any]
+    cache_seconds: float
+
+
+def prepare(opts: DiagnoseOptions, say: Any = None) -> Prepared:
+    """Check the options, sample and tokenize the data, build the objective, fit θ*."""
     import torch
 
-    from ensemble.atomic import atomic_write_json, sha256_file
     from softspec.default_model import export_default_model
     from training.model import load_tokenizer
-    from training.stability import (
-        AdapterObjective,
-        cross_fit,
-        estimate,
-        fold_of_rows,
-        per_token_weights,
-        recommend,
-    )
+    from training.stability import MIN_EXAMPLES, AdapterObjective, fold_of_rows
 
-    t_start = time.monotonic()
+    say = say or (lambda _m: None)
     opts.check()
-    say = (lambda _m: None) if opts.quiet else (lambda m: print(f"diagnose: {m}", file=sys.stderr))
     base = opts.base
     if opts.adapter:
         _, adapter_base = _adapter_dir(opts)
@@ -408,8 +411,6 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
     if isinstance(depth, int) and opts.layers > depth:  # before any model is loaded
         raise ConfigError(f"--layers must be in 1..{depth} (0 = all), got {opts.layers}")
     rows = _sample_rows(opts.data, opts.examples, opts.seed)
-    from training.stability import MIN_EXAMPLES
-
     if len(rows) < MIN_EXAMPLES:
         raise ConfigError(
             f"{opts.data} has only {len(rows)} examples: the stability estimate needs at "
@@ -437,13 +438,12 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
         random.Random(opts.seed).shuffle(order)
         rows, examples = [rows[i] for i in order], [examples[i] for i in order]
     peft_model = _peft_model(opts, base)
-    layers = opts.layers or None
     t0 = time.monotonic()
     objective = AdapterObjective(
         peft_model,
         examples,
         "theta",
-        layers=layers,
+        layers=opts.layers or None,
         batch_size=opts.batch_size,
         pad_id=int(tokenizer.pad_token_id),
     )
@@ -459,6 +459,25 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
             f"fitted θ* in {fit['seconds']}s: NLL/example {fit['nll_per_example_before']} → "
             f"{fit['nll_per_example_after']}"
         )
+    return Prepared(base, rows, sampled, objective, fit, cache_s)
+
+
+def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
+    """Run the diagnostic; returns the report (also written to ``opts.out`` when set)."""
+    from ensemble.atomic import atomic_write_json, sha256_file
+    from training.stability import cross_fit, estimate, per_token_weights, recommend
+
+    t_start = time.monotonic()
+    say = (lambda _m: None) if opts.quiet else (lambda m: print(f"diagnose: {m}", file=sys.stderr))
+    prep = prepare(opts, say)
+    base, rows, sampled, objective, fit = (
+        prep.base,
+        prep.rows,
+        prep.sampled,
+        prep.objective,
+        prep.fit,
+    )
+    cache_s = prep.cache_seconds
     tokens = objective.token_counts()
     weights = per_token_weights(tokens) if opts.normalize_by_length else None
     if opts.cross_fit:
@@ -499,7 +518,7 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
             "path": str(Path(opts.data).resolve()),
             "sha256": sha256_file(opts.data),
             "sampled": sampled,
-            "used": len(examples),  # fewer with --drop-overlong
+            "used": objective.n,  # fewer with --drop-overlong
         },
         "base": str(Path(base).resolve()),
         "theta": {

@@ -726,6 +726,8 @@ def recommend(
     a_star = result.alpha_star
     alpha = min(max_alpha, margin * a_star) if math.isfinite(a_star) else max_alpha
     unstable = sum(1 for lam in result.eigenvalues if lam * alpha > 1.0)
+    if a_star >= max_alpha:  # a cross-fitted spectrum can hold one value above λ_max
+        unstable = 0
     members = max(1, min(max_members, 1 + unstable))
     if a_star >= max_alpha:
         reason = (

@@ -15,6 +15,7 @@ from ensemble.errors import ConfigError
 from training.stability import (
     AdapterObjective,
     FunctionalObjective,
+    StabilityResult,
     cross_fit,
     estimate,
     explicit_pencil,
@@ -535,3 +536,24 @@ def test_cross_fit_bad_input(kwargs: dict, batch: int, message: str) -> None:
     objective, _, _, _ = well_specified_logistic(d=4, n=60 if batch == 20 else 200, batch=batch)
     with pytest.raises(ConfigError, match=re.escape(message)):
         cross_fit(objective, **kwargs)
+
+
+def test_recommend_is_one_member_when_alpha_star_is_at_least_one() -> None:
+    """A cross-fitted spectrum lists held-out quotients by rank; one can exceed the chosen
+    λ_max (0.71 with a 1.22 in the list on sft_conflict): no spread is recommended then."""
+    result = StabilityResult(
+        lambda_max=0.71,
+        alpha_star=1 / 0.71,
+        eigenvalues=[1.22, 0.91],
+        loadings=np.ones(10),
+        n_examples=10,
+        n_params=4,
+        subspace_dim=2,
+        hvps=2,
+        iterations=0,
+        converged=True,
+        residual=0.0,
+        estimator="cross-fitted",
+    )
+    rec = recommend(result)
+    assert rec["members"] == 1 and rec["unstable_directions"] == 0 and rec["alpha"] == 1.0
