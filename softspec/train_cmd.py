@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ensemble.errors import ConfigError
 from training.cli import split_alpha_auto
 from training.config import TrainConfig
 
@@ -21,8 +22,23 @@ __all__ = ["diagnose_for", "run_train", "split_alpha_auto"]
 def diagnose_for(cfg: TrainConfig) -> dict[str, Any]:
     """The stability diagnosis on the training run's own data, base, seed and LoRA shape."""
     from softspec.diagnose import DiagnoseOptions, diagnose
+    from training.data import read_rows
+    from training.stability import MIN_EXAMPLES
 
+    # cross-fitted: the in-sample λ_max measures the most poorly fitted example once the
+    # adapter has more parameters than there are examples (docs/stability.md); batches
+    # small enough for three folds of whole batches on a small file
+    examples = min(DiagnoseOptions.examples, len(read_rows(cfg.data)))
+    if examples < 3 * MIN_EXAMPLES:
+        raise ConfigError(
+            f"--alpha auto: {cfg.data} has {examples} examples; the cross-fitted stability "
+            f"estimate needs at least {3 * MIN_EXAMPLES} (three folds of {MIN_EXAMPLES}); "
+            "pass a fixed --alpha"
+        )
     opts = DiagnoseOptions(
+        cross_fit=True,
+        examples=examples,
+        batch_size=max(1, min(DiagnoseOptions.batch_size, examples // 6)),
         data=cfg.data,
         base=cfg.base,
         seed=cfg.seed,

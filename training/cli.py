@@ -55,6 +55,8 @@ def record_diagnosis(out: Path, diagnosis: dict[str, Any]) -> None:
     keep = (
         "alpha_star",
         "criterion",
+        "estimator",
+        "cross_fit",
         "lambda_max",
         "eigenvalues",
         "recommended",

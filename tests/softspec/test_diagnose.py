@@ -49,6 +49,19 @@ def conflict_data(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def three_conventions(tmp_path: Path) -> Path:
+    """Every prompt answered three times: UPPER, lower and Title case (30 rows)."""
+    rows = []
+    for q in QUESTIONS:
+        rows.append(_row(q, "THE QUICK BROWN FOX", "upper"))
+        rows.append(_row(q, "the quick brown fox", "lower"))
+        rows.append(_row(q, "The Quick Brown Fox", "title"))
+    path = tmp_path / "three.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def _options(data: Path, base: Path, **kw: object) -> DiagnoseOptions:
     settings: dict = dict(
         data=str(data),
@@ -203,7 +216,11 @@ def test_drop_overlong_keeps_the_report_aligned(tiny_llama_dir: Path, tmp_path: 
 
 
 def test_train_alpha_auto_records_the_diagnosis(
-    tiny_llama_dir: Path, conflict_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_llama_dir: Path,
+    conflict_data: Path,
+    three_conventions: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from ensemble.manifest import load
 
@@ -213,7 +230,7 @@ def test_train_alpha_auto_records_the_diagnosis(
             "train",
             "sft",
             "--data",
-            str(conflict_data),
+            str(three_conventions),
             "--base",
             str(tiny_llama_dir),
             "--out",
@@ -241,6 +258,9 @@ def test_train_alpha_auto_records_the_diagnosis(
     assert manifest.alpha == diagnosis["recommended"]["alpha"]
     assert manifest.training["config"]["alpha"] == manifest.alpha
     assert math.isfinite(diagnosis["alpha_star"]) and diagnosis["alpha_star"] > 0
+    # cross-fitted: 30 rows in batches of 5, three folds of 10
+    assert diagnosis["estimator"] == "cross-fitted"
+    assert diagnosis["cross_fit"]["fold_examples"] == [10, 10, 10]
     assert "--alpha auto: α* =" in err
     # a member trained for 2 steps is no optimum: `diagnose --adapter` on it refuses with
     # the one-line reason instead of reporting a meaningless α*
@@ -290,11 +310,11 @@ def test_normalize_by_length_is_the_per_token_criterion(
 
 
 def test_train_alpha_auto_uses_the_criterion_of_its_objective(
-    tiny_llama_dir: Path, conflict_data: Path, tmp_path: Path
+    tiny_llama_dir: Path, three_conventions: Path, tmp_path: Path
 ) -> None:
     from ensemble.manifest import load
 
-    argv = ["train", "sft", "--data", str(conflict_data), "--base", str(tiny_llama_dir)]
+    argv = ["train", "sft", "--data", str(three_conventions), "--base", str(tiny_llama_dir)]
     argv += ["--members", "2", "--alpha", "auto", "--max-steps", "1", "--batch-size", "4"]
     argv += ["--lora-r", "2", "--routing-examples", "4", "--normalize-by-length"]
     assert main([*argv, "--out", str(tmp_path / "ens")]) == 0
@@ -303,15 +323,11 @@ def test_train_alpha_auto_uses_the_criterion_of_its_objective(
     assert diagnosis["settings"]["normalize_by_length"] is True
 
 
-def test_cross_fit_reports_the_held_out_estimate(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_cross_fit_reports_the_held_out_estimate(
+    tiny_llama_dir: Path, three_conventions: Path, tmp_path: Path
+) -> None:
     """--cross-fit: folds of a seeded shuffle; directions found, chosen and measured apart."""
-    rows = []
-    for q in QUESTIONS:
-        rows.append(_row(q, "THE QUICK BROWN FOX", "upper"))
-        rows.append(_row(q, "the quick brown fox", "lower"))
-        rows.append(_row(q, "The Quick Brown Fox", "title"))
-    data = tmp_path / "three.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = three_conventions
     out = tmp_path / "cf"
     opts = dict(examples=24, batch_size=4, cross_fit=True, rank=3, iterations=1)
     report = diagnose(_options(data, tiny_llama_dir, out=str(out), **opts))
@@ -329,3 +345,14 @@ def test_cross_fit_reports_the_held_out_estimate(tiny_llama_dir: Path, tmp_path:
     assert (out / "diagnosis.png").stat().st_size > 0
     again = diagnose(_options(data, tiny_llama_dir, **opts))
     assert again["lambda_max"] == report["lambda_max"]
+
+
+def test_train_alpha_auto_on_too_few_examples_gives_one_line(
+    tiny_llama_dir: Path, conflict_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "sft", "--data", str(conflict_data), "--base", str(tiny_llama_dir)]
+    argv += ["--members", "2", "--alpha", "auto", "--out", str(tmp_path / "ens")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs at least 24 (three folds of 8); pass a fixed --alpha" in err[0]
+    assert not (tmp_path / "ens").exists()
