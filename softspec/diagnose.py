@@ -9,6 +9,9 @@ last ``--layers`` decoder layers (training/stability.py; docs/stability.md). Spr
 members (specialists) lowers the α-Rényi objective for α > α*. With
 ``--normalize-by-length`` J weights each example by 1/T_i (its completion tokens): the
 criterion of training with the same flag, whose routing uses per-token log-likelihoods.
+With ``--cross-fit`` λ_max is estimated on held-out folds (directions found on one fold,
+chosen on a second, measured on a third): the in-sample λ_max of an adapter with more
+parameters than examples measures its most poorly fitted example.
 
 The fit and the estimate run on the same function of the same parameters: the hidden
 states entering the first selected layer are computed once, and every step, gradient and

@@ -28,6 +28,11 @@ Nothing here forms a P × P matrix. J is held as its n per-example gradients G (
 With u normalised so that uᵀ V u = 1, λ_S = Σ_i (g_iᵀu)², so example i's share of the
 unstable direction is (g_iᵀu)²/λ_S: the examples that load most are the contradictory ones.
 
+:func:`cross_fit` estimates the population λ_max instead: with more parameters than
+examples the in-sample one is at least the largest single-example leverage g_iᵀV⁻¹g_i.
+Directions are found on one fold of the examples, chosen on a second and measured on a
+third.
+
 Errors (all :class:`~ensemble.errors.ConfigError`, one line, what to change): too few
 examples, V not positive definite in the subspace (θ* is not a minimum there), a diverging
 or non-finite iteration. Never a silent NaN.
