@@ -543,7 +543,8 @@ def cross_fit(
 
     With P parameters ≫ n examples the in-sample λ_max(J, V) is at least the largest
     single-example leverage g_iᵀV⁻¹g_i: it rewards a direction for fitting one example,
-    and a well-specified model's in-sample λ_max grows without bound as P/n does. Here the
+    and a well-specified model's in-sample λ_max grows with P/n (logistic, in a
+    simulation: 1.2 at P/n = 6/300, 2.1 at 40/600, 6.7 at 40/200). Here the
     examples are split into ``folds`` folds by batch (so one HVP pass gives every fold's
     curvature); for each ordered triple of distinct folds (f, s, e):
 
