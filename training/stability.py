@@ -605,15 +605,16 @@ def cross_fit(
         vf = torch.stack(per_fold[:m])  # (m, folds, P); a wasted last direction is dropped
         x = ritz.x[:, : min(top, m)]  # candidates in S's coordinates
         quotients: dict[int, np.ndarray] = {}
+        c_parts: dict[int, np.ndarray] = {}
         j_parts: dict[int, np.ndarray] = {}
         v_parts: dict[int, np.ndarray] = {}
         for e in range(folds):
             if e == f:
                 continue
-            c_e = (g[rows[e]] @ ritz.basis.T).double().cpu().numpy()  # (n_e, m)
+            c_parts[e] = (g[rows[e]] @ ritz.basis.T).double().cpu().numpy()  # (n_e, m)
             v_e = (ritz.basis.double() @ vf[:, e, :].double().T).cpu().numpy()  # Sᵀ V_e S
             v_e = 0.5 * (v_e + v_e.T)
-            j_parts[e] = ((c_e @ x) ** 2).sum(0)
+            j_parts[e] = ((c_parts[e] @ x) ** 2).sum(0)
             v_parts[e] = np.einsum("mk,mn,nk->k", x, v_e, x)
             with np.errstate(divide="ignore", invalid="ignore"):
                 quotients[e] = np.where(v_parts[e] > 0, j_parts[e] / v_parts[e], np.nan)
@@ -647,8 +648,8 @@ def cross_fit(
                     }
                 )
                 if e not in best_for or value > best_for[e][0]:
-                    c_e = (g[rows[e]] @ ritz.basis.T).double().cpu().numpy()
-                    best_for[e] = (value, (c_e @ x[:, k]) / math.sqrt(float(v_parts[e][k])))
+                    load = c_parts[e] @ x[:, k] / math.sqrt(float(v_parts[e][k]))
+                    best_for[e] = (value, load)
         fold_runs.append(
             {
                 "fold": f,
