@@ -483,27 +483,18 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
     cache_s = prep.cache_seconds
     tokens = objective.token_counts()
     weights = per_token_weights(tokens) if opts.normalize_by_length else None
+    solver: dict[str, Any] = dict(
+        rank=opts.rank,
+        iterations=opts.iterations,
+        tol=opts.tol,
+        top=opts.top,
+        weights=weights,
+        progress=say,
+    )
     if opts.cross_fit:
-        result = cross_fit(
-            objective,
-            folds=opts.folds,
-            rank=opts.rank,
-            iterations=opts.iterations,
-            tol=opts.tol,
-            top=opts.top,
-            weights=weights,
-            progress=say,
-        )
+        result = cross_fit(objective, folds=opts.folds, **solver)
     else:
-        result = estimate(
-            objective,
-            rank=opts.rank,
-            iterations=opts.iterations,
-            tol=opts.tol,
-            top=opts.top,
-            weights=weights,
-            progress=say,
-        )
+        result = estimate(objective, **solver)
     rec = recommend(result)
     seconds = {"cache_inputs": cache_s, "fit": fit.get("seconds", 0.0), **result.seconds}
     seconds["total"] = round(time.monotonic() - t_start, 1)
