@@ -21,7 +21,8 @@ uᵀJ_e u / uᵀV_e u is measured on every other fold e, for the sequence criter
 and the per-token one (J = Σ g gᵀ / T_i); V is the same for both. The in-fold quotient
 (e = f) is reported too; it is biased upward, because u was built from those gradients.
 
-    python bench/stability_groups.py --data FILE [--group-key source] [--out F.json]
+    python bench/stability_groups.py --data FILE [--group-key source] [--fit-examples N]
+        [--out F.json]
 """
 
 from __future__ import annotations
@@ -146,6 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--group-key", default="source", help="row field naming the groups")
     p.add_argument("--examples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--fit-examples",
+        type=int,
+        default=0,
+        help="fit θ* on N further rows that are never measured (softspec diagnose's flag)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
@@ -154,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data=args.data,
         examples=args.examples,
         batch_size=args.batch_size,
+        fit_examples=args.fit_examples,
         seed=args.seed,
         drop_overlong=True,
         cross_fit=True,

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class DiagnoseOptions:
     fit_steps: int = -1  # -1: 150 when fitting from scratch, 0 with --adapter
     fit_lr: float = 2e-3
     fit_batch_size: int = 16
+    fit_examples: int = 0  # 0: fit θ* on the measured examples
     batch_size: int = 16
     lora_r: int = 8
     lora_alpha: int = 16
@@ -88,6 +89,14 @@ class DiagnoseOptions:
             (self.iterations >= 0, f"--iterations must be >= 0, got {self.iterations}"),
             (0 < self.tol < 1, f"--tol must be in (0, 1), got {self.tol}"),
             (self.fit_lr > 0, f"--fit-lr must be > 0, got {self.fit_lr}"),
+            (self.fit_examples >= 0, f"--fit-examples must be >= 0, got {self.fit_examples}"),
+            (
+                not self.fit_examples
+                or self.fit_steps > 0
+                or (self.fit_steps < 0 and not self.adapter),
+                "--fit-examples is the sample θ* is fitted on, but nothing is fitted "
+                "(--adapter or --fit-steps 0); pass --fit-steps N or leave out --fit-examples",
+            ),
             (self.fit_batch_size >= 1 and self.batch_size >= 1, "batch sizes must be >= 1"),
             (self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}"),
             (self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}"),
@@ -146,6 +155,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fit-lr", type=float, default=d.fit_lr, help="Adam learning rate of the fit")
     p.add_argument("--fit-batch-size", type=int, default=d.fit_batch_size)
+    p.add_argument(
+        "--fit-examples",
+        type=int,
+        default=d.fit_examples,
+        help="fit θ* on N further sampled rows that are never measured, so that no measured "
+        "example was fitted (default 0: fit on the measured examples)",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per pass")
     p.add_argument("--lora-r", type=int, default=d.lora_r)
     p.add_argument(
@@ -388,6 +404,7 @@ class Prepared:
     objective: Any  # training.stability.AdapterObjective at θ*
     fit: dict[str, Any]
     cache_seconds: float
+    fit_rows: list[dict[str, Any]] = field(default_factory=list)  # --fit-examples: θ*'s sample
 
 
 def prepare(opts: DiagnoseOptions, say: Any = None) -> Prepared:
@@ -413,11 +430,19 @@ def prepare(opts: DiagnoseOptions, say: Any = None) -> Prepared:
     depth = json.loads((Path(base) / "config.json").read_text()).get("num_hidden_layers")
     if isinstance(depth, int) and opts.layers > depth:  # before any model is loaded
         raise ConfigError(f"--layers must be in 1..{depth} (0 = all), got {opts.layers}")
-    rows = _sample_rows(opts.data, opts.examples, opts.seed)
+    rows = _sample_rows(opts.data, opts.examples + opts.fit_examples, opts.seed)
+    fit_rows: list[dict[str, Any]] = []
+    if opts.fit_examples:  # a seeded, disjoint split: the fit sample, then the measured one
+        order = list(range(len(rows)))
+        random.Random(opts.seed + 1).shuffle(order)
+        fit_rows = [rows[i] for i in sorted(order[: opts.fit_examples])]
+        rows = [rows[i] for i in sorted(order[opts.fit_examples :])]
     if len(rows) < MIN_EXAMPLES:
+        left = f" after the {len(fit_rows)} --fit-examples" if fit_rows else ""
         raise ConfigError(
-            f"{opts.data} has only {len(rows)} examples: the stability estimate needs at "
-            f"least {MIN_EXAMPLES}; pass more data"
+            f"{opts.data} has only {len(rows)} examples to measure{left}: the stability "
+            f"estimate needs at least {MIN_EXAMPLES}; pass more data"
+            + (" or lower --fit-examples" if fit_rows else "")
         )
     torch.manual_seed(opts.seed)
     tokenizer = load_tokenizer(base)
@@ -425,6 +450,16 @@ def prepare(opts: DiagnoseOptions, say: Any = None) -> Prepared:
     rows, examples = _load_examples(
         rows, tokenizer, opts.max_length, opts.drop_overlong, source=opts.data
     )
+    fit_examples: list[Any] = []
+    if fit_rows:
+        fit_rows, fit_examples = _load_examples(
+            fit_rows, tokenizer, opts.max_length, opts.drop_overlong, source=opts.data
+        )
+        if not fit_examples:
+            raise ConfigError(
+                f"none of the {opts.fit_examples} --fit-examples fits in --max-length "
+                f"{opts.max_length}; raise --max-length"
+            )
     if len(examples) < MIN_EXAMPLES:
         raise ConfigError(
             f"only {len(examples)} of the {sampled} sampled examples fit in --max-length "
@@ -444,25 +479,38 @@ def prepare(opts: DiagnoseOptions, say: Any = None) -> Prepared:
     t0 = time.monotonic()
     objective = AdapterObjective(
         peft_model,
-        examples,
+        examples + fit_examples,
         "theta",
         layers=opts.layers or None,
         batch_size=opts.batch_size,
         pad_id=int(tokenizer.pad_token_id),
     )
     cache_s = round(time.monotonic() - t0, 1)
+    fitted = objective
+    if fit_examples:  # one cut model, two samples: θ* from one, the estimate from the other
+        fitted = objective.subset(range(len(examples), objective.n))
+        objective = objective.subset(range(len(examples)))
     say(
         f"{objective.n} examples, {objective.theta.numel()} adapter parameters in layers "
         f"{objective.first_layer}..{objective.n_layers - 1} (inputs cached in {cache_s}s)"
     )
     fit_steps = opts.fit_steps if opts.fit_steps >= 0 else (0 if opts.adapter else 150)
-    fit = fit_theta(objective, fit_steps, opts.fit_lr, opts.fit_batch_size, opts.seed)
+    fit = fit_theta(fitted, fit_steps, opts.fit_lr, opts.fit_batch_size, opts.seed)
+    fit["examples"] = fitted.n
+    if fitted is not objective:
+        objective.theta = fitted.theta.clone()
+        fit["nll_per_example_measured"] = round(-objective.total_loglik() / objective.n, 4)
     if fit_steps:
-        say(
-            f"fitted θ* in {fit['seconds']}s: NLL/example {fit['nll_per_example_before']} → "
-            f"{fit['nll_per_example_after']}"
+        fresh = (
+            f"; {fit['nll_per_example_measured']} on the measured examples"
+            if fitted is not objective
+            else ""
         )
-    return Prepared(base, rows, sampled, objective, fit, cache_s)
+        say(
+            f"fitted θ* on {fitted.n} examples in {fit['seconds']}s: NLL/example "
+            f"{fit['nll_per_example_before']} → {fit['nll_per_example_after']}{fresh}"
+        )
+    return Prepared(base, rows, sampled, objective, fit, cache_s, fit_rows)
 
 
 def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
@@ -539,6 +587,7 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
                 "normalize_by_length",
                 "cross_fit",
                 "folds",
+                "fit_examples",
                 "member",
             )
         },

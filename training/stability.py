@@ -40,6 +40,7 @@ or non-finite iteration. Never a silent NaN.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -837,6 +838,20 @@ class AdapterObjective(Objective):
             self.batch_of(list(range(s, min(s + batch_size, self.n))))
             for s in range(0, self.n, batch_size)
         ]
+
+    def subset(self, idx: Sequence[int]) -> AdapterObjective:
+        """The objective of examples ``idx`` only, at the same θ, sharing the (cut) decoder
+        and the cached layer inputs: one model serves a fit sample and a measured sample."""
+        part = copy.copy(self)
+        part.examples = [self.examples[i] for i in idx]
+        part.n = len(part.examples)
+        part.cache = None if self.cache is None else [self.cache[i] for i in idx]
+        part.theta = self.theta.clone()
+        part.batches = [
+            part.batch_of(list(range(s, min(s + self.batch_size, part.n))))
+            for s in range(0, part.n, self.batch_size)
+        ]
+        return part
 
     # ------------------------------------------------------------------ batches
 

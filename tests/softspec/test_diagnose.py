@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from ensemble.errors import ConfigError
 from softspec.cli import main
-from softspec.diagnose import DiagnoseOptions, diagnose
+from softspec.diagnose import DiagnoseOptions, diagnose, prepare
 from training.data import DataError
 
 QUESTIONS = [
@@ -345,6 +346,53 @@ def test_cross_fit_reports_the_held_out_estimate(
     assert (out / "diagnosis.png").stat().st_size > 0
     again = diagnose(_options(data, tiny_llama_dir, **opts))
     assert again["lambda_max"] == report["lambda_max"]
+
+
+def test_fit_examples_fits_theta_on_rows_that_are_never_measured(
+    tiny_llama_dir: Path, three_conventions: Path, tmp_path: Path
+) -> None:
+    """--fit-examples N: θ* comes from N sampled rows disjoint from the measured ones, and
+    equals the θ* fitted on those rows alone."""
+    opts = _options(three_conventions, tiny_llama_dir, examples=16, fit_examples=14)
+    prep = prepare(opts)
+    measured = {r["_line"] for r in prep.rows}
+    fitted = {r["_line"] for r in prep.fit_rows}
+    assert len(measured) == 16 and len(fitted) == 14 and not measured & fitted
+    assert prep.objective.n == 16 and prep.fit["examples"] == 14
+    assert prep.fit["nll_per_example_measured"] == pytest.approx(
+        -prep.objective.total_loglik() / 16, abs=1e-3
+    )
+    alone = tmp_path / "fit-rows.jsonl"
+    alone.write_text(
+        "".join(
+            json.dumps({k: v for k, v in r.items() if k != "_line"}) + "\n" for r in prep.fit_rows
+        )
+    )
+    reference = prepare(_options(alone, tiny_llama_dir, examples=14))
+    assert reference.fit["examples"] == 14
+    assert torch.allclose(prep.objective.theta, reference.objective.theta, atol=1e-5)
+    shared = prepare(_options(three_conventions, tiny_llama_dir, examples=16))
+    assert not torch.allclose(prep.objective.theta, shared.objective.theta, atol=1e-3)
+    report = diagnose(  # rank 2: V at a θ* fitted elsewhere is indefinite in 4 directions here
+        _options(three_conventions, tiny_llama_dir, examples=16, fit_examples=14, rank=2)
+    )
+    assert report["theta"]["examples"] == 14 and report["settings"]["fit_examples"] == 14
+    assert report["data"]["used"] == 16
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(fit_examples=-1), "--fit-examples must be >= 0"),
+        (dict(fit_examples=4, fit_steps=0), "nothing is fitted"),
+        (dict(examples=8, fit_examples=25), "only 5 examples to measure after the 25"),
+    ],
+)
+def test_fit_examples_bad_input(
+    tiny_llama_dir: Path, three_conventions: Path, kw: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        prepare(_options(three_conventions, tiny_llama_dir, **kw))
 
 
 def test_train_alpha_auto_on_too_few_examples_gives_one_line(

@@ -311,6 +311,28 @@ def test_adapter_objective_matches_explicit_matrices(
     assert result.lambda_max == pytest.approx(exact[0], rel=1e-3)
 
 
+def test_subset_is_the_objective_of_those_examples(
+    tiny_llama_dir: Path, two_cluster_data: Path
+) -> None:
+    """A subset shares the cut decoder and the cached inputs; its ℓ_i, gradients and HVPs are
+    those of an objective built on its examples alone, and it owns its own θ."""
+    peft_model, examples, _ = tiny_adapter(tiny_llama_dir, two_cluster_data)
+    whole = AdapterObjective(peft_model, examples, "m0", layers=1, batch_size=3)
+    idx = [6, 1, 4, 7]
+    part = whole.subset(idx)
+    assert part.n == 4 and part.batch_sizes() == [3, 1]
+    assert torch.allclose(part.example_grads(), whole.example_grads()[idx], atol=1e-5)
+    v = torch.randn(whole.theta.shape, generator=torch.Generator().manual_seed(1))
+    hv_whole = whole.hvp_batches(v)  # batches (0,1,2) (3,4,5) (6,7): no batch equals part's
+    assert not torch.allclose(part.hvp(v), hv_whole.sum(0), atol=1e-3)
+    alone = tiny_adapter(tiny_llama_dir, two_cluster_data)[0]
+    reference = AdapterObjective(alone, [examples[i] for i in idx], "m0", layers=1, batch_size=3)
+    assert torch.allclose(part.hvp(v), reference.hvp(v), atol=1e-4, rtol=1e-3)
+    assert part.total_loglik() == pytest.approx(reference.total_loglik(), rel=1e-5)
+    part.theta += 1.0
+    assert not torch.equal(part.theta, whole.theta)
+
+
 def test_truncated_decoder_gives_the_full_models_loglik(
     tiny_llama_dir: Path, two_cluster_data: Path
 ) -> None:
