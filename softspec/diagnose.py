@@ -73,6 +73,7 @@ class DiagnoseOptions:
     normalize_by_length: bool = False
     cross_fit: bool = False
     folds: int = 3
+    center: bool = False
     quiet: bool = False
 
     def check(self) -> None:
@@ -189,6 +190,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--folds", type=int, default=d.folds, help="folds of --cross-fit (>= 3; split by batch)"
+    )
+    p.add_argument(
+        "--center",
+        action="store_true",
+        help="J from the gradients' scatter about their mean (per fold with --cross-fit): what "
+        "spread must explain once the single adapter has taken the mean descent step (use "
+        "with --fit-examples, where θ* is not an optimum of the measured rows)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -538,6 +546,7 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
         top=opts.top,
         weights=weights,
         progress=say,
+        center=opts.center,
     )
     if opts.cross_fit:
         result = cross_fit(objective, folds=opts.folds, **solver)
@@ -587,6 +596,7 @@ def diagnose(opts: DiagnoseOptions) -> dict[str, Any]:
                 "normalize_by_length",
                 "cross_fit",
                 "folds",
+                "center",
                 "fit_examples",
                 "member",
             )

@@ -60,6 +60,7 @@ __all__ = [
     "FunctionalObjective",
     "Objective",
     "StabilityResult",
+    "center_rows",
     "cross_fit",
     "estimate",
     "explicit_pencil",
@@ -312,8 +313,10 @@ def _check_rows(
     min_examples: int,
     rank: int,
     iterations: int,
+    center: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
-    """G with rows scaled by √c_i, after the checks every estimator shares."""
+    """G with rows scaled by √c_i, after the checks every estimator shares; with ``center``
+    (groups of rows), each group first loses its mean (:func:`center_rows`)."""
     n = g.shape[0]
     if weights is not None:
         w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
@@ -321,6 +324,9 @@ def _check_rows(
             raise ConfigError(
                 f"per-example weights must be {n} finite values >= 0, got shape {tuple(w.shape)}"
             )
+    if center:
+        g = center_rows(g, center, weights)
+    if weights is not None:
         g = g * w.sqrt().to(g)[:, None]
     if n < min_examples:
         raise ConfigError(
@@ -335,6 +341,31 @@ def _check_rows(
     if rank < 1 or iterations < 0:
         raise ConfigError(f"--rank must be >= 1 and --iterations >= 0, got {rank}, {iterations}")
     return g
+
+
+def center_rows(
+    g: torch.Tensor,
+    groups: Sequence[torch.Tensor],
+    weights: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """G with each group's (c-weighted) mean gradient subtracted from its rows.
+
+    J_c = Σ_i c_i (g_i − ḡ)(g_i − ḡ)ᵀ with ḡ = Σ c_i g_i / Σ c_i: the scatter of the scores
+    about their mean. The expansion behind the criterion is taken at an optimum, where ḡ = 0;
+    at a θ* that is not one (fitted on other rows, so ḡ is the held-out descent direction),
+    moving the single adapter along −V⁻¹ḡ removes ḡ to first order, and J_c is what is left
+    for spread to explain.
+    """
+    w = torch.ones(g.shape[0], dtype=g.dtype)
+    if weights is not None:
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64)).to(g)
+    out = g.clone()
+    for rows in groups:
+        wr = w[rows]
+        total = float(wr.sum())
+        if total > 0:
+            out[rows] = g[rows] - (wr[:, None] * g[rows]).sum(0) / total
+    return out
 
 
 def _davidson(
@@ -452,6 +483,7 @@ def estimate(
     grads: torch.Tensor | None = None,
     weights: Sequence[float] | np.ndarray | torch.Tensor | None = None,
     progress: Callable[[str], None] | None = None,
+    center: bool = False,
 ) -> StabilityResult:
     """λ_max of (J, V) at ``objective.theta`` by Rayleigh–Ritz + Davidson (module docstring).
 
@@ -465,6 +497,7 @@ def estimate(
             the example's completion tokens) gives the criterion of the per-token-normalised
             objective (``--normalize-by-length``; see :func:`per_token_weights`). Loadings
             and shares are then those of √c_i g_i.
+        center: J from the gradients' scatter about their mean (:func:`center_rows`).
     """
     say = progress or (lambda _msg: None)
     seconds: dict[str, float] = {}
@@ -472,7 +505,8 @@ def estimate(
     g = objective.example_grads() if grads is None else grads
     seconds["example_grads"] = round(time.monotonic() - t0, 2)
     n, p = g.shape
-    g = _check_rows(g, weights, min_examples, rank, iterations)
+    groups = [torch.arange(n)] if center else []
+    g = _check_rows(g, weights, min_examples, rank, iterations, center=groups)
     say(f"per-example gradients: {n} × {p} in {seconds['example_grads']:.1f}s")
     t1 = time.monotonic()
     ritz = _davidson(g, objective.hvp, rank, iterations, tol, say)
@@ -539,6 +573,7 @@ def cross_fit(
     grads: torch.Tensor | None = None,
     weights: Sequence[float] | np.ndarray | torch.Tensor | None = None,
     progress: Callable[[str], None] | None = None,
+    center: bool = False,
 ) -> StabilityResult:
     """λ_max of the *population* pencil, cross-fitted: found, chosen and measured apart.
 
@@ -562,6 +597,7 @@ def cross_fit(
     are the held-out quotients of fold f's Ritz directions by rank (on the other folds
     together, averaged over f), sorted. Loadings are those of each example on the chosen
     direction of its measuring fold (the triple with the larger quotient), uᵀV_e u = 1.
+    ``center``: J from each fold's scatter about its own mean gradient (:func:`center_rows`).
     """
     say = progress or (lambda _msg: None)
     seconds: dict[str, float] = {}
@@ -569,11 +605,13 @@ def cross_fit(
     g = objective.example_grads() if grads is None else grads
     seconds["example_grads"] = round(time.monotonic() - t0, 2)
     n, p = g.shape
-    g = _check_rows(g, weights, min_examples, rank, iterations)
     sizes = objective.batch_sizes()
     if sum(sizes) != n:
         raise ConfigError(f"the batches hold {sum(sizes)} examples but G has {n} rows")
     row_fold = fold_of_rows(sizes, folds, min_examples)
+    groups = [torch.as_tensor(np.flatnonzero(row_fold == f)) for f in range(folds)]
+    # with ``center`` each fold about its own mean: no fold's mean is seen by another
+    g = _check_rows(g, weights, min_examples, rank, iterations, center=groups if center else [])
     batch_fold = np.arange(len(sizes)) % folds
     counts = np.bincount(row_fold, minlength=folds)
     say(
@@ -582,7 +620,7 @@ def cross_fit(
     )
     onehot = torch.zeros((folds, len(sizes)), dtype=g.dtype)
     onehot[torch.as_tensor(batch_fold), torch.arange(len(sizes))] = 1.0
-    rows = [torch.as_tensor(np.flatnonzero(row_fold == f)) for f in range(folds)]
+    rows = groups
 
     t1 = time.monotonic()
     fold_runs: list[dict[str, Any]] = []

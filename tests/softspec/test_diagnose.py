@@ -378,6 +378,13 @@ def test_fit_examples_fits_theta_on_rows_that_are_never_measured(
     )
     assert report["theta"]["examples"] == 14 and report["settings"]["fit_examples"] == 14
     assert report["data"]["used"] == 16
+    centred = diagnose(
+        _options(
+            three_conventions, tiny_llama_dir, examples=16, fit_examples=14, rank=2, center=True
+        )
+    )
+    assert centred["settings"]["center"] is True
+    assert centred["mean_gradient_share"] < 1e-9 < report["mean_gradient_share"]
 
 
 @pytest.mark.parametrize(
