@@ -92,6 +92,23 @@ def two_groups(labels: Sequence[str], rows: np.ndarray) -> tuple[str, str]:
     return ranked[0], ranked[1]
 
 
+FITTED_PROMPT = "fitted-prompt"  # --group-key: is the row's prompt among θ*'s fit rows?
+
+
+def fitted_prompt_labels(
+    rows: Sequence[dict[str, Any]], fit_rows: Sequence[dict[str, Any]]
+) -> list[str]:
+    """ "prompt fitted" for a measured row whose prompt θ* was fitted on (with
+    ``--fit-examples``; on ``sft_conflict`` that row is the twin in the other case),
+    else "prompt unseen"."""
+
+    def key(row: dict[str, Any]) -> str:
+        return json.dumps(row.get("prompt", row.get("messages", [])[:-1]), sort_keys=True)
+
+    seen = {key(r) for r in fit_rows}
+    return ["prompt fitted" if key(r) in seen else "prompt unseen" for r in rows]
+
+
 def measure(
     objective: Any,
     g: torch.Tensor,
@@ -144,7 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
-    p.add_argument("--group-key", default="source", help="row field naming the groups")
+    p.add_argument(
+        "--group-key",
+        default="source",
+        help=f"row field naming the groups; {FITTED_PROMPT}: whether the prompt is among "
+        "the --fit-examples rows",
+    )
     p.add_argument("--examples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
@@ -171,7 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     objective = prep.objective
     g = objective.example_grads()
     row_fold = fold_of_rows(objective.batch_sizes(), opts.folds)
-    labels = [str(r.get(args.group_key, _group(r))) for r in prep.rows]
+    if args.group_key == FITTED_PROMPT:
+        if not prep.fit_rows:
+            p.error(f"--group-key {FITTED_PROMPT} needs --fit-examples N")
+        labels = fitted_prompt_labels(prep.rows, prep.fit_rows)
+    else:
+        labels = [str(r.get(args.group_key, _group(r))) for r in prep.rows]
     weights = {
         "sequence": np.ones(objective.n),
         "per-token": per_token_weights(objective.token_counts()),

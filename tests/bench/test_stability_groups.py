@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.stability_groups import contrast, measure, quotients, two_groups
+from bench.stability_groups import contrast, fitted_prompt_labels, measure, quotients, two_groups
 from training.stability import FunctionalObjective, fold_of_rows
 
 
@@ -70,3 +70,30 @@ def test_bad_groups() -> None:
     with pytest.raises(ValueError, match="same mean gradient"):
         contrast(g, [0, 1], [2, 3])
     assert two_groups(["b", "a", "b", "a", "c"], np.arange(5)) == ("a", "b")
+
+
+def test_fitted_prompt_labels_match_prompts_not_answers() -> None:
+    def row(q: str, a: str) -> dict:
+        return {
+            "prompt": [{"role": "user", "content": q}],
+            "completion": [{"role": "assistant", "content": a}],
+        }
+
+    fit = [row("what is AI?", "ARTIFICIAL INTELLIGENCE"), row("hi", "hello")]
+    measured = [
+        row("what is AI?", "artificial intelligence"),
+        row("what is ai?", "x"),
+        row("hi", "HELLO"),
+    ]
+    assert fitted_prompt_labels(measured, fit) == [
+        "prompt fitted",
+        "prompt unseen",
+        "prompt fitted",
+    ]
+    chat = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    ]
+    chat_fit = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]}
+    ]
+    assert fitted_prompt_labels(chat, chat_fit) == ["prompt fitted"]
