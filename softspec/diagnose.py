@@ -504,7 +504,8 @@ def prepare(opts: DiagnoseOptions, say: Any = None) -> Prepared:
     )
     fit_steps = opts.fit_steps if opts.fit_steps >= 0 else (0 if opts.adapter else 150)
     fit = fit_theta(fitted, fit_steps, opts.fit_lr, opts.fit_batch_size, opts.seed)
-    fit["examples"] = fitted.n
+    if fit_steps:
+        fit["examples"] = fitted.n
     if fitted is not objective:
         objective.theta = fitted.theta.clone()
         fit["nll_per_example_measured"] = round(-objective.total_loglik() / objective.n, 4)
