@@ -25,19 +25,24 @@ def diagnose_for(cfg: TrainConfig) -> dict[str, Any]:
     from training.data import read_rows
     from training.stability import MIN_EXAMPLES
 
-    # cross-fitted: the in-sample λ_max measures the most poorly fitted example once the
-    # adapter has more parameters than there are examples (docs/stability.md); batches
-    # small enough for three folds of whole batches on a small file
-    examples = min(DiagnoseOptions.examples, len(read_rows(cfg.data)))
-    if examples < 3 * MIN_EXAMPLES:
+    # cross-fitted, with θ* fitted on rows it never measures and J centred on each fold's
+    # mean (docs/stability.md): the in-sample λ_max measures the most poorly fitted example,
+    # and rows θ* was fitted on have shrunken gradients. Half the file (up to 256 rows) for
+    # the fit, the other half for the estimate, in batches small enough for three folds.
+    rows = len(read_rows(cfg.data))
+    need = 2 * 3 * MIN_EXAMPLES
+    if rows < need:
         raise ConfigError(
-            f"--alpha auto: {cfg.data} has {examples} examples; the cross-fitted stability "
-            f"estimate needs at least {3 * MIN_EXAMPLES} (three folds of {MIN_EXAMPLES}); "
-            "pass a fixed --alpha"
+            f"--alpha auto: {cfg.data} has {rows} examples; the stability estimate needs at "
+            f"least {need} (half to fit θ* on, three folds of {MIN_EXAMPLES} to measure on "
+            "the other half); pass a fixed --alpha"
         )
+    examples = min(DiagnoseOptions.examples, rows // 2)
     opts = DiagnoseOptions(
         cross_fit=True,
+        center=True,
         examples=examples,
+        fit_examples=min(DiagnoseOptions.examples, rows - examples),
         batch_size=max(1, min(DiagnoseOptions.batch_size, examples // 6)),
         data=cfg.data,
         base=cfg.base,

@@ -595,7 +595,8 @@ def cross_fit(
     tests check it against a known population value and a well-specified model. (θ* itself
     is fitted on all folds.) ``eigenvalues``
     are the held-out quotients of fold f's Ritz directions by rank (on the other folds
-    together, averaged over f), sorted. Loadings are those of each example on the chosen
+    together, averaged over f), sorted; ``cross_fit["held_out_by_rank"]`` keeps them per f,
+    unsorted (rank 1 of fold f is a direction fixed without the other folds too). Loadings are those of each example on the chosen
     direction of its measuring fold (the triple with the larger quotient), uᵀV_e u = 1.
     ``center``: J from each fold's scatter about its own mean gradient (:func:`center_rows`).
     """
@@ -739,6 +740,8 @@ def cross_fit(
             "fold_examples": [int(c) for c in counts],
             "lambda_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
             "in_sample_lambda_max": max(r["in_sample_lambda"] for r in fold_runs),
+            # fold f's Ritz directions in f's order, each measured on the other folds together
+            "held_out_by_rank": [[float(v) for v in q] for q in spectra],
             "fold_runs": fold_runs,
             "held_out": held,
         },

@@ -63,6 +63,24 @@ def three_conventions(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def three_conventions_48(tmp_path: Path) -> Path:
+    """16 prompts answered in the three conventions (48 rows): the least `--alpha auto` takes."""
+    extra = ["good morning", "count to three", "name a fruit", "yes or no", "pick one", "go on"]
+    rows = [
+        _row(q, a, s)
+        for q in QUESTIONS + extra
+        for a, s in [
+            ("THE QUICK BROWN FOX", "upper"),
+            ("the quick brown fox", "lower"),
+            ("The Quick Brown Fox", "title"),
+        ]
+    ]
+    path = tmp_path / "three48.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def _options(data: Path, base: Path, **kw: object) -> DiagnoseOptions:
     settings: dict = dict(
         data=str(data),
@@ -219,7 +237,7 @@ def test_drop_overlong_keeps_the_report_aligned(tiny_llama_dir: Path, tmp_path: 
 def test_train_alpha_auto_records_the_diagnosis(
     tiny_llama_dir: Path,
     conflict_data: Path,
-    three_conventions: Path,
+    three_conventions_48: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -231,7 +249,7 @@ def test_train_alpha_auto_records_the_diagnosis(
             "train",
             "sft",
             "--data",
-            str(three_conventions),
+            str(three_conventions_48),
             "--base",
             str(tiny_llama_dir),
             "--out",
@@ -259,9 +277,12 @@ def test_train_alpha_auto_records_the_diagnosis(
     assert manifest.alpha == diagnosis["recommended"]["alpha"]
     assert manifest.training["config"]["alpha"] == manifest.alpha
     assert math.isfinite(diagnosis["alpha_star"]) and diagnosis["alpha_star"] > 0
-    # cross-fitted: 30 rows in batches of 5, three folds of 10
+    # θ* fitted on 24 of the 48 rows; the other 24 measured in batches of 4, three folds of
+    # 8, each centred on its mean
     assert diagnosis["estimator"] == "cross-fitted"
-    assert diagnosis["cross_fit"]["fold_examples"] == [10, 10, 10]
+    assert diagnosis["cross_fit"]["fold_examples"] == [8, 8, 8]
+    assert diagnosis["settings"]["fit_examples"] == 24 and diagnosis["settings"]["center"]
+    assert diagnosis["theta"]["examples"] == 24 and diagnosis["n_examples"] == 24
     assert "--alpha auto: α* =" in err
     # a member trained for 2 steps is no optimum: `diagnose --adapter` on it refuses with
     # the one-line reason instead of reporting a meaningless α*
@@ -311,11 +332,11 @@ def test_normalize_by_length_is_the_per_token_criterion(
 
 
 def test_train_alpha_auto_uses_the_criterion_of_its_objective(
-    tiny_llama_dir: Path, three_conventions: Path, tmp_path: Path
+    tiny_llama_dir: Path, three_conventions_48: Path, tmp_path: Path
 ) -> None:
     from ensemble.manifest import load
 
-    argv = ["train", "sft", "--data", str(three_conventions), "--base", str(tiny_llama_dir)]
+    argv = ["train", "sft", "--data", str(three_conventions_48), "--base", str(tiny_llama_dir)]
     argv += ["--members", "2", "--alpha", "auto", "--max-steps", "1", "--batch-size", "4"]
     argv += ["--lora-r", "2", "--routing-examples", "4", "--normalize-by-length"]
     assert main([*argv, "--out", str(tmp_path / "ens")]) == 0
@@ -409,5 +430,6 @@ def test_train_alpha_auto_on_too_few_examples_gives_one_line(
     argv += ["--members", "2", "--alpha", "auto", "--out", str(tmp_path / "ens")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "needs at least 24 (three folds of 8); pass a fixed --alpha" in err[0]
+    assert len(err) == 1 and "has 20 examples; the stability estimate needs at least 48" in err[0]
+    assert err[0].endswith("pass a fixed --alpha")
     assert not (tmp_path / "ens").exists()

@@ -474,7 +474,7 @@ def _brute_force_cross_fit(x: np.ndarray, h: np.ndarray, g: np.ndarray, batch: i
     fold = (np.arange(n) // batch) % 3
     jm = [g[fold == f].T @ g[fold == f] for f in range(3)]
     vm = [(x[fold == f] * h[fold == f][:, None]).T @ x[fold == f] for f in range(3)]
-    values, best = [], {}
+    values, best, by_rank = [], {}, []
     for f in range(3):
         _, vec = solve_pencil(jm[f], vm[f])
         cand = vec[:, :top]
@@ -483,20 +483,23 @@ def _brute_force_cross_fit(x: np.ndarray, h: np.ndarray, g: np.ndarray, batch: i
             for e in range(3)
             if e != f
         }
+        others = [e for e in range(3) if e != f]
+        j_rest, v_rest = sum(jm[e] for e in others), sum(vm[e] for e in others)
+        by_rank.append(np.diag(cand.T @ j_rest @ cand) / np.diag(cand.T @ v_rest @ cand))
         for s in q:
             k = int(np.argmax(q[s]))
             for e in q:
                 if e != s:
                     values.append(q[e][k])
                     best[e] = max(best.get(e, 0.0), q[e][k])
-    return float(np.mean(values)), best, fold
+    return float(np.mean(values)), best, fold, by_rank
 
 
 def test_cross_fit_against_brute_force() -> None:
     """With the full fold subspace (rank = d) every step is the dense computation."""
     objective, x, h, g = well_specified_logistic(d=10, n=300, batch=20)
     result = cross_fit(objective, rank=10, iterations=0, top=10)
-    expected, best, fold = _brute_force_cross_fit(x, h, g, batch=20, top=10)
+    expected, best, fold, by_rank = _brute_force_cross_fit(x, h, g, batch=20, top=10)
     assert result.lambda_max == pytest.approx(expected, rel=1e-8)
     assert result.alpha_star == pytest.approx(1 / expected, rel=1e-8)
     assert len(result.history) == 6  # 3 folds: 3 · 2 · 1 ordered triples
@@ -505,6 +508,9 @@ def test_cross_fit_against_brute_force() -> None:
     for e in range(3):
         assert float((result.loadings[fold == e] ** 2).sum()) == pytest.approx(best[e], rel=1e-8)
     assert result.to_dict()["estimator"] == "cross-fitted"
+    # fold f's directions in f's order, each on the other two folds together
+    for f in range(3):
+        assert result.cross_fit["held_out_by_rank"][f] == pytest.approx(by_rank[f], rel=1e-8)
 
 
 def test_cross_fit_is_near_one_where_the_in_sample_estimate_is_inflated() -> None:
